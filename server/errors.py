@@ -1,0 +1,55 @@
+"""The small error taxonomy every layer raises; the RPC layer maps each class to one gRPC status code."""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base class. ``code`` names the gRPC status the RPC layer answers with."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class InvalidArgument(ServerError):
+    """A request or config field is malformed; ``field`` names it (e.g. ``temperature``)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ServerError):
+    """An adapter id, training job id or path that does not exist."""
+
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(ServerError):
+    """Registering an adapter id that exists without ``replace``."""
+
+    code = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(ServerError):
+    """Queue full, prompt longer than the context, upload over the size cap."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(ServerError):
+    """The request is well formed but the server's state forbids it (e.g. cancel a finished job)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Cancelled(ServerError):
+    """The client cancelled or the server is shutting down."""
+
+    code = "CANCELLED"
+
+
+class DeadlineExceeded(ServerError):
+    """The client's deadline passed before the request finished."""
+
+    code = "DEADLINE_EXCEEDED"
