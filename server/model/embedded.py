@@ -56,7 +56,7 @@ def ensure_converted(cache_dir: Path) -> Path:
         The directory (about 270 MB for SmolLM2-135M in bfloat16).
     """
     out = converted_dir(cache_dir)
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,6 +67,8 @@ def ensure_converted(cache_dir: Path) -> Path:
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     config = loaded.config
     config.name_or_path = EMBEDDED_HUB_ID
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the saved weights are dequantized; NF4 is applied at load
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     # Tied embeddings show up as a "missing" lm_head; anything else means the conversion is wrong.

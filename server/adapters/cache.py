@@ -1,0 +1,202 @@
+"""Two-tier adapter cache: accelerator slots (LRU, pinned while rows use them) backed by host memory (LRU).
+
+Disk → host loads run on a background thread so a cold adapter never stalls the running batch; host →
+accelerator copies happen on the engine thread between steps. Entries are keyed by ``(adapter_id, sha256)``:
+a replaced adapter has a new key, so a later request can never be served the old weights, and store events
+(replace / unregister) drop the old key from both tiers as soon as no running row uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from server.adapters.types import LoadedAdapter
+from server.errors import NotFound, ServerError
+from server.metrics import Metrics
+from server.model.lora import LoraRouter
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (adapter_id, sha256 of its weights)
+
+
+class AdapterCache:
+    """Maps adapters to accelerator slots of a :class:`LoraRouter`.
+
+    Only the engine thread calls :meth:`acquire` and :meth:`release`; :meth:`residency` and store events may come
+    from any thread.
+
+    Args:
+        store: the :class:`~server.adapters.store.AdapterStore` (``get``, ``load``, ``subscribe``).
+        router: owns the slots (``router.slots`` of them).
+        host_capacity: adapters kept in host memory.
+        metrics: where hits / misses / loads / evictions / load latency are counted.
+    """
+
+    def __init__(self, store, router: LoraRouter, host_capacity: int, metrics: Metrics) -> None:
+        self.store = store
+        self.router = router
+        self.metrics = metrics
+        self.host_capacity = host_capacity
+        self._lock = threading.Lock()
+        self._host: OrderedDict[Key, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
+        self._loading: dict[Key, Future] = {}
+        self._failed: dict[Key, ServerError] = {}
+        self._slot_key: list[Key | None] = [None] * router.slots
+        self._slot_refs = [0] * router.slots
+        self._slot_used = [0.0] * router.slots  # last use, for LRU among unpinned slots
+        self._stale: set[Key] = set()
+        self._generation: dict[str, int] = {}  # bumped on replace / unregister; a load started before is dropped
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        metrics.adapter_slot_capacity.set(router.slots)
+        if hasattr(store, "subscribe"):
+            store.subscribe(self._on_store_event)
+
+    # --- any thread -------------------------------------------------------------------------------------
+    def current_key(self, adapter_id: str) -> Key:
+        """The key of the adapter's current version. Raises NotFound (field ``adapter_id``)."""
+        info = self.store.get(adapter_id)
+        return (adapter_id, info.sha256)
+
+    def residency(self, adapter_id: str) -> str:
+        """``"gpu"`` (in an accelerator slot — the CPU when that is the device), ``"cpu"`` (host memory) or
+        ``"disk"`` for the adapter's current version."""
+        try:
+            key = self.current_key(adapter_id)
+        except NotFound:
+            return "disk"
+        with self._lock:
+            if key in self._slot_key:
+                return "gpu"
+            if key in self._host:
+                return "cpu"
+        return "disk"
+
+    def _on_store_event(self, adapter_id: str, event: str) -> None:
+        if event not in ("replaced", "unregistered"):
+            return
+        with self._lock:
+            self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
+            for key in [k for k in self._host if k[0] == adapter_id]:
+                del self._host[key]
+                self.metrics.adapter_evictions.labels("cpu").inc()
+            for key in [k for k in self._slot_key if k is not None and k[0] == adapter_id]:
+                self._stale.add(key)
+            self._failed = {k: v for k, v in self._failed.items() if k[0] != adapter_id}
+        self._update_gauges()
+
+    # --- engine thread ----------------------------------------------------------------------------------
+    def acquire(self, key: Key) -> int | None:
+        """Pin ``key`` in an accelerator slot and return the slot, or None when it is not ready yet (a disk load
+        was started or is running, or every slot is pinned). Call again on a later step.
+
+        Raises:
+            ServerError: the background load failed (e.g. the files changed on disk), or the adapter is gone.
+        """
+        with self._lock:
+            if key in self._stale:
+                raise NotFound(f"adapter {key[0]!r} was replaced or unregistered", field="adapter_id")
+            if key in self._slot_key:
+                slot = self._slot_key.index(key)
+                self._pin(slot)
+                self.metrics.adapter_cache_hits.labels("gpu").inc()
+                return slot
+            error = self._failed.pop(key, None)
+            if error is not None:
+                raise error
+            adapter = self._host.get(key)
+            if adapter is None:
+                if key not in self._loading:
+                    self.metrics.adapter_cache_misses.labels("gpu").inc()
+                    self.metrics.adapter_cache_misses.labels("cpu").inc()
+                    generation = self._generation.get(key[0], 0)
+                    self._loading[key] = self._pool.submit(self._load_from_disk, key, generation)
+                return None
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._host.move_to_end(key)
+            self.metrics.adapter_cache_misses.labels("gpu").inc()
+            self.metrics.adapter_cache_hits.labels("cpu").inc()
+            if self._slot_key[slot] is not None:
+                self.metrics.adapter_evictions.labels("gpu").inc()
+            self._slot_key[slot] = None
+        start = time.perf_counter()
+        self.router.load(slot, adapter)  # engine thread, between steps: no row reads the slot now
+        self.metrics.adapter_load_latency.labels("gpu").observe(time.perf_counter() - start)
+        self.metrics.adapter_loads.labels("gpu").inc()
+        with self._lock:
+            self._slot_key[slot] = key
+            self._pin(slot)
+        self._update_gauges()
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Unpin one use of ``slot``; a stale (replaced / unregistered) adapter's slot is cleared when unused."""
+        with self._lock:
+            self._slot_refs[slot] -= 1
+            key = self._slot_key[slot]
+            clear = self._slot_refs[slot] == 0 and key in self._stale
+            if clear:
+                self._slot_key[slot] = None
+                if key not in self._slot_key:
+                    self._stale.discard(key)
+                self.metrics.adapter_evictions.labels("gpu").inc()
+        if clear:
+            self.router.clear(slot)  # free the memory's contents; the bank itself is preallocated
+            self._update_gauges()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- internals --------------------------------------------------------------------------------------
+    def _pin(self, slot: int) -> None:
+        self._slot_refs[slot] += 1
+        self._slot_used[slot] = time.monotonic()
+
+    def _free_slot(self) -> int | None:
+        """An empty slot, else the least recently used unpinned one; None if all are pinned (lock held)."""
+        candidates = [s for s in range(len(self._slot_key)) if self._slot_refs[s] == 0]
+        if not candidates:
+            return None
+        empty = [s for s in candidates if self._slot_key[s] is None]
+        return empty[0] if empty else min(candidates, key=lambda s: self._slot_used[s])
+
+    def _load_from_disk(self, key: Key, generation: int) -> None:
+        adapter_id, sha = key
+        start = time.perf_counter()
+        try:
+            adapter = self.store.load(adapter_id)
+            if adapter.version != sha:
+                raise NotFound(f"adapter {adapter_id!r} changed while loading", field="adapter_id")
+        except ServerError as exc:
+            with self._lock:
+                self._failed[key] = exc
+                self._loading.pop(key, None)
+            return
+        except Exception as exc:  # noqa: BLE001 - reported to the waiting request, never lost
+            log.exception("loading adapter %s failed", adapter_id)
+            with self._lock:
+                self._failed[key] = ServerError(f"loading adapter {adapter_id!r} failed: {exc}")
+                self._loading.pop(key, None)
+            return
+        self.metrics.adapter_load_latency.labels("cpu").observe(time.perf_counter() - start)
+        self.metrics.adapter_loads.labels("cpu").inc()
+        with self._lock:
+            self._loading.pop(key, None)
+            if self._generation.get(key[0], 0) != generation:
+                return  # replaced or unregistered while loading: never cache the old weights
+            self._host[key] = adapter
+            while len(self._host) > self.host_capacity:
+                self._host.popitem(last=False)
+                self.metrics.adapter_evictions.labels("cpu").inc()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        with self._lock:
+            self.metrics.adapters_resident.labels("gpu").set(sum(k is not None for k in self._slot_key))
+            self.metrics.adapters_resident.labels("cpu").set(len(self._host))

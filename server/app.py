@@ -1,0 +1,104 @@
+"""Assembles the data plane from a ServerConfig: NF4 base model, LoRA router, adapter store and cache, engine."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from server import __version__
+from server.adapters.cache import AdapterCache
+from server.adapters.store import AdapterStore
+from server.adapters.types import BaseModelSpec
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.metrics import Metrics
+from server.model.base import BaseModelInfo, load_base_model
+from server.model.lora import attach_router
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    """The running data plane; the RPC layer and the CLI only talk to this object."""
+
+    config: ServerConfig
+    model: object
+    tokenizer: object
+    base_info: BaseModelInfo
+    engine: Engine
+    store: AdapterStore
+    adapter_cache: AdapterCache
+    metrics: Metrics
+    _sampler_stop: threading.Event
+
+    def close(self) -> None:
+        """Stop the engine (running requests end CANCELLED) and the background threads."""
+        self._sampler_stop.set()
+        self.engine.stop()
+        self.adapter_cache.close()
+
+
+def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseModelInfo | None = None) -> App:
+    """Load the base model (unless one is passed in, as tests do), attach the LoRA banks, open the adapter store
+    and start the engine.
+
+    Raises:
+        FailedPrecondition: the model cannot be loaded or uses attention the engine does not support.
+        InvalidArgument: a config field is invalid.
+    """
+    metrics = Metrics(config.engine.top_adapter_labels)
+    if model is None:
+        model, tokenizer, base_info = load_base_model(config.model)
+    engine_cfg = config.engine
+    router = attach_router(model, engine_cfg.adapter_slots, engine_cfg.max_lora_rank,
+                           getattr(torch, config.model.lora_dtype), engine_cfg.max_batch_size)
+    spec = BaseModelSpec.from_model(model, base_info.name, engine_cfg.max_lora_rank)
+    store = AdapterStore(config.adapters_dir, spec)
+    cache = AdapterCache(store, router, engine_cfg.cpu_adapter_cache, metrics)
+    engine = Engine(model, tokenizer, router, cache, engine_cfg, metrics, base_info.max_positions)
+    metrics.build_info.info({
+        "version": __version__,
+        "model": base_info.name,
+        "device": str(base_info.device),
+        "quant_type": config.model.quant_type,
+        "double_quant": str(config.model.double_quant).lower(),
+        "compute_dtype": config.model.compute_dtype,
+        "lora_dtype": config.model.lora_dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "bitsandbytes": _version("bitsandbytes"),
+    })
+    metrics.component_bytes.labels("base_weights").set(base_info.weight_bytes)
+    metrics.component_bytes.labels("adapter_banks").set(router.bank_bytes())
+    metrics.component_bytes.labels("kv_cache").set(0)
+    metrics.adapters_registered.set(len(store.list()))
+    store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
+    engine.start()
+    stop = threading.Event()
+    threading.Thread(target=_sample_memory, args=(metrics, stop), name="memory-sampler", daemon=True).start()
+    return App(config, model, tokenizer, base_info, engine, store, cache, metrics, stop)
+
+
+def _sample_memory(metrics: Metrics, stop: threading.Event, period_s: float = 1.0) -> None:
+    while not stop.is_set():
+        try:
+            metrics.sample_memory()
+        except Exception:  # noqa: BLE001 - a metrics hiccup must not end the sampler
+            log.exception("memory sampling failed")
+        stop.wait(period_s)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"

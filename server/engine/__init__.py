@@ -1,0 +1,1 @@
+"""The engine: request types, the adapter-aware continuous-batching scheduler and its step loop."""

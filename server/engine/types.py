@@ -1,0 +1,124 @@
+"""Plain request / event types the engine accepts and emits (the RPC layer converts protobuf to and from these)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from server.errors import InvalidArgument
+
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+FINISH_EOS = "eos"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings.
+
+    Attributes:
+        max_new_tokens: most tokens to generate (tokens, >= 1).
+        temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling mass in (0, 1]; 1 disables it.
+        top_k: keep the k most likely tokens; 0 disables it.
+        repetition_penalty: CTRL-style penalty (Keskar et al., 2019) on tokens already in prompt or output;
+            1 disables it.
+        seed: seeds this request's own random generator, so a sampled answer is reproducible whatever else
+            shares the batch; None draws a fresh seed.
+        stop: strings that end generation when they appear in the output (they are not returned).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self, max_new_tokens_limit: int) -> None:
+        """Raise :class:`InvalidArgument` naming the first bad field."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise InvalidArgument(f"must be in 1..{max_new_tokens_limit}, got {self.max_new_tokens}",
+                                  field="max_new_tokens")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidArgument(f"must be a finite number >= 0, got {self.temperature}", field="temperature")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise InvalidArgument(f"must be in (0, 1], got {self.top_p}", field="top_p")
+        if self.top_k < 0:
+            raise InvalidArgument(f"must be >= 0, got {self.top_k}", field="top_k")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidArgument(f"must be > 0, got {self.repetition_penalty}", field="repetition_penalty")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop strings must be non-empty", field="stop")
+        if len(self.stop) > 16:
+            raise InvalidArgument("at most 16 stop strings", field="stop")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn, rendered with the model's chat template."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A generation request in plain Python types.
+
+    Exactly one of ``prompt`` (raw text, tokenized as is) and ``messages`` (rendered with the tokenizer's chat
+    template, generation prompt appended) is set. ``adapter_id`` empty = base model. ``deadline`` is a
+    ``time.monotonic()`` instant after which the engine abandons the request (None = no deadline).
+    """
+
+    request_id: str
+    adapter_id: str = ""
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    params: SamplingParams = field(default_factory=SamplingParams)
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Per-request timings in seconds: queue wait (arrival → prefill starts), time to first token (arrival →
+    first token), total (arrival → finish) and mean time per output token after the first (TPOT)."""
+
+    queue_seconds: float
+    ttft_seconds: float
+    total_seconds: float
+    tpot_seconds: float
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """One streamed piece of a request's output.
+
+    ``text`` is the new text since the previous event (stop strings removed); the last event has ``finished``
+    set with ``finish_reason`` (``length`` / ``stop`` / ``eos``), token counts and timings, or ``error`` set
+    when the request failed (deadline, cancellation, adapter unregistered, internal error).
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Timings | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The whole answer of a finished request (what ``Engine.generate`` returns)."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
