@@ -59,23 +59,34 @@ def _check_layers(cache: DynamicCache) -> None:
 
 
 @torch.inference_mode()
-def prefill(model, input_ids: list[int]) -> tuple[BatchState, torch.Tensor]:
-    """Run one prompt through the model (LoRA routing must already be set for one row).
+def prefill(model, prompts: list[list[int]]) -> tuple[BatchState, torch.Tensor]:
+    """Run new prompts through the model in one forward pass, left-padded to the longest (LoRA routing must
+    already be set, one slot per prompt).
 
     Args:
-        input_ids: the prompt's token ids (length P >= 1).
+        prompts: N token-id lists, each of length >= 1.
 
     Returns:
-        ``(state, logits)``: a one-row :class:`BatchState` of width P and the last position's logits ``[1, V]``.
+        ``(state, logits)``: an N-row :class:`BatchState` of width max(P_i) and each prompt's last-position
+        logits ``[N, V]``.
     """
     device = model.device
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
-    mask = torch.ones_like(ids)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(input_ids), device=device)[None],
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
     _check_layers(cache)
-    return BatchState(cache=cache, attention_mask=mask, lengths=[len(input_ids)]), out.logits[:, -1, :]
+    if len(prompts) > 1:
+        # Padding columns must hold zeros, never whatever a fully masked query produced: a masked key still
+        # multiplies its value by an attention weight of 0, and 0 * NaN would poison the real rows.
+        keep = mask.bool()[:, None, :, None]
+        for layer in cache.layers:
+            layer.keys = torch.where(keep, layer.keys, 0)
+            layer.values = torch.where(keep, layer.values, 0)
+    return BatchState(cache=cache, attention_mask=mask, lengths=[len(p) for p in prompts]), out.logits[:, -1, :]
 
 
 @torch.inference_mode()

@@ -270,12 +270,14 @@ class Engine:
             self._drop_finished()
 
     def _admit(self) -> int:
-        """Prefill up to ``prefill_chunk`` waiting requests whose adapter is resident, oldest first."""
-        admitted = 0
+        """Prefill, in one forward pass, up to ``prefill_chunk`` waiting requests whose adapter is resident,
+        oldest first, and join them to the running batch. Returns how many were admitted."""
         with self._lock:
             candidates = list(self._waiting)
+        room = min(self.config.prefill_chunk, self.config.max_batch_size - len(self._running))
+        chosen: list[_Sequence] = []
         for seq in candidates:
-            if admitted >= self.config.prefill_chunk or len(self._running) >= self.config.max_batch_size:
+            if len(chosen) >= room:
                 break
             slot = -1
             if seq.request.adapter_id:
@@ -288,34 +290,42 @@ class Engine:
                     continue
                 if slot is None:
                     continue  # loading in the background or all slots pinned: let others go ahead
-            with self._lock:
-                self._waiting.remove(seq)
-                self.metrics.waiting.set(len(self._waiting))
             seq.slot = slot
-            try:
-                self._prefill(seq)
-            except Exception:
-                if slot >= 0:
-                    self.cache.release(slot)
+            chosen.append(seq)
+        if not chosen:
+            return 0
+        with self._lock:
+            for seq in chosen:
+                self._waiting.remove(seq)
+            self.metrics.waiting.set(len(self._waiting))
+        try:
+            self._prefill(chosen)
+        except Exception:
+            for seq in chosen:
+                if not seq.done and seq not in self._running and seq.slot >= 0:
+                    self.cache.release(seq.slot)
                     seq.slot = -1
-                raise
-            admitted += 1
-        return admitted
+            raise
+        return len(chosen)
 
-    def _prefill(self, seq: _Sequence) -> None:
-        seq.prefill_start = time.monotonic()
-        self.metrics.queue_wait.observe(seq.prefill_start - seq.arrival)
-        seq.generator = make_generator(seq.request.params, self.model.device)
-        seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.model.device)
-        self.router.set_rows([seq.slot])
-        state, logits = kv.prefill(self.model, seq.prompt_ids)
-        self.metrics.step_latency.labels("prefill").observe(time.monotonic() - seq.prefill_start)
-        self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))
-        token = select_tokens(logits, [seq.request.params], [seq.seen], [seq.generator])[0]
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        start = time.monotonic()
+        for seq in seqs:
+            seq.prefill_start = start
+            self.metrics.queue_wait.observe(start - seq.arrival)
+            seq.generator = make_generator(seq.request.params, self.model.device)
+            seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.model.device)
+            self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))
+        self.router.set_rows([s.slot for s in seqs])
+        state, logits = kv.prefill(self.model, [s.prompt_ids for s in seqs])
+        tokens = select_tokens(logits, [s.request.params for s in seqs], [s.seen for s in seqs],
+                               [s.generator for s in seqs])
+        self.metrics.step_latency.labels("prefill").observe(time.monotonic() - start)
         self._state = kv.concatenate(self._state, state)
-        self._running.append(seq)
-        self._next_ids.append(token)
-        self._accept(seq, token)
+        self._running.extend(seqs)
+        self._next_ids.extend(tokens)
+        for seq, token in zip(seqs, tokens):
+            self._accept(seq, token)
         self._drop_finished()
 
     def _decode_step(self) -> None:

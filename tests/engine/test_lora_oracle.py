@@ -57,14 +57,16 @@ def test_mixed_batch_matches_peft_per_row(world):
         slot_of[name] = slot
     row_slots = [slot_of[a] if a else -1 for a, _ in ROWS]
 
-    # Prefill rows one by one (as the engine does) and join them into one left-padded batch.
+    # Prefill in groups (one forward pass per group, left-padded, mixed adapters inside a group) and join
+    # every group into one batch, as the engine does when requests arrive at different times.
     ours: list[list[torch.Tensor]] = [[] for _ in ROWS]
     state = None
-    for b, ids in enumerate(prompts):
-        router.set_rows([row_slots[b]])
-        one, logits = kv.prefill(model, ids)
-        ours[b].append(logits[0].float())
-        state = kv.concatenate(state, one)
+    for group in ([0, 1, 2], [3], [4, 5]):
+        router.set_rows([row_slots[b] for b in group])
+        part, logits = kv.prefill(model, [prompts[b] for b in group])
+        for i, b in enumerate(group):
+            ours[b].append(logits[i].float())
+        state = kv.concatenate(state, part)
     # Decode steps with every row in ONE forward pass, each routed to its own adapter; tokens are forced so
     # the reference sees the same sequences.
     for step in range(DECODE_STEPS):
