@@ -1,0 +1,373 @@
+"""The ``qlora-server`` command line: ``serve`` runs the server; ``generate`` and ``adapters`` are gRPC clients."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from server.config import EMBEDDED_MODEL, EngineConfig, ModelConfig, ServerConfig
+from server.errors import ServerError
+
+DEFAULT_TARGET = "localhost:50051"
+#: Seconds in-flight RPCs get to finish after SIGTERM / SIGINT before they are cancelled.
+DEFAULT_SHUTDOWN_GRACE = 10.0
+
+# --- argument parsing ----------------------------------------------------------------------------------------------
+#
+# Each sub-command is registered by one small function taking the sub-parsers object; it sets ``func`` (called with
+# the parsed namespace, returns the exit status). To add a command (e.g. ``train``), write ``add_train_command``
+# next to these and list it in ``COMMANDS``.
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    """``serve``: load the model and serve gRPC (+ Prometheus metrics) until SIGTERM / SIGINT."""
+    p = sub.add_parser("serve", help="run the server", description="Load the base model and serve gRPC until "
+                       "SIGTERM or SIGINT. Unset options take the config defaults.")
+    p.add_argument("--model", default=EMBEDDED_MODEL,
+                   help=f"local directory, hub id, or '{EMBEDDED_MODEL}' for the embedded model (default)")
+    p.add_argument("--host", default="[::]", help="address to bind (default [::] = all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument("--metrics-port", type=int, default=9400,
+                   help="Prometheus exposition port; 0 picks a free one, -1 disables it (default 9400)")
+    p.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="adapter store directory")
+    p.add_argument("--state-dir", type=Path, default=None, help="training jobs' database and outputs")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are cached")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--compute-dtype", default="bfloat16", help="bfloat16, float16 or float32 (default bfloat16)")
+    p.add_argument("--adapter-slots", type=int, default=None, help="adapters resident on the accelerator at once")
+    p.add_argument("--cpu-adapter-cache", type=int, default=None,
+                   help="adapters kept in host memory (default: the larger of 32 and --adapter-slots)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="rows decoded together")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank accepted")
+    p.add_argument("--grpc-workers", type=int, default=None, help="gRPC handler threads")
+    p.add_argument("--max-upload-bytes", type=int, default=None, help="size cap of one adapter upload (bytes)")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE,
+                   help=f"seconds in-flight RPCs get at shutdown (default {DEFAULT_SHUTDOWN_GRACE:g})")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain text")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of each call (seconds)")
+
+
+def add_generate_command(sub: argparse._SubParsersAction) -> None:
+    """``generate``: one request against a running server; prints the text."""
+    p = sub.add_parser("generate", help="generate text", description="Send one generation request and print "
+                       "the text.")
+    _add_client_options(p)
+    p.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw prompt text (no chat template)")
+    src.add_argument("--chat", metavar="MESSAGE", help="a user message, rendered with the chat template")
+    p.add_argument("--system", default=None, help="system message placed before --chat")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = disabled (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = disabled (default)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the request's sampler")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--request-id", default="", help="request id (default: the server makes one)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.set_defaults(func=_cmd_generate)
+
+
+def add_adapters_command(sub: argparse._SubParsersAction) -> None:
+    """``adapters list|get|register|unregister|upload``."""
+    p = sub.add_parser("adapters", help="manage adapters", description="Manage the server's LoRA adapters.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("list", help="list adapters")
+    _add_client_options(a)
+    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a.set_defaults(func=_cmd_adapters_list)
+    a = actions.add_parser("get", help="describe one adapter (JSON)")
+    _add_client_options(a)
+    a.add_argument("--id", required=True, help="adapter id")
+    a.set_defaults(func=_cmd_adapters_get)
+    a = actions.add_parser("register", help="register a directory on the server")
+    _add_client_options(a)
+    a.add_argument("--id", required=True, help="adapter id")
+    a.add_argument("--path", required=True, help="adapter directory on the server")
+    a.add_argument("--replace", action="store_true", help="replace an adapter with this id")
+    a.set_defaults(func=_cmd_adapters_register)
+    a = actions.add_parser("unregister", help="remove an adapter")
+    _add_client_options(a)
+    a.add_argument("--id", required=True, help="adapter id")
+    a.set_defaults(func=_cmd_adapters_unregister)
+    a = actions.add_parser("upload", help="upload a local adapter directory")
+    _add_client_options(a)
+    a.add_argument("--id", required=True, help="adapter id")
+    a.add_argument("--dir", required=True, type=Path,
+                   help="local directory with adapter_config.json and adapter_model.safetensors")
+    a.add_argument("--replace", action="store_true", help="replace an adapter with this id")
+    a.set_defaults(func=_cmd_adapters_upload)
+
+
+#: Sub-command registrars, in help order. Add ``add_train_command`` here.
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_serve_command,
+    add_generate_command,
+    add_adapters_command,
+)
+
+
+def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
+    """The full argument parser with every registrar in ``commands`` applied."""
+    parser = argparse.ArgumentParser(prog="qlora-server", description="One NF4 base model, many LoRA adapters, "
+                                     "served over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in commands:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``qlora-server`` and ``python -m server``; returns the exit status (0 ok, 1 a client RPC
+    failed, 2 bad arguments or a start-up error)."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+# --- serve ---------------------------------------------------------------------------------------------------------
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build the :class:`ServerConfig` of ``serve``'s arguments; options left unset keep the config defaults.
+    Raises :class:`InvalidArgument` naming the bad config field."""
+    model_kw = {"model": args.model, "device": args.device, "compute_dtype": args.compute_dtype}
+    if args.cache_dir is not None:
+        model_kw["cache_dir"] = args.cache_dir
+    engine_kw = {name: getattr(args, name) for name in ("adapter_slots", "cpu_adapter_cache", "max_batch_size",
+                                                        "max_lora_rank") if getattr(args, name) is not None}
+    if "adapter_slots" in engine_kw and "cpu_adapter_cache" not in engine_kw:
+        engine_kw["cpu_adapter_cache"] = max(EngineConfig.cpu_adapter_cache, engine_kw["adapter_slots"])
+    server_kw = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
+                 "adapters_dir": args.adapters_dir, "log_json": args.log_json}
+    for name in ("state_dir", "grpc_workers", "max_upload_bytes"):
+        if getattr(args, name) is not None:
+            server_kw[name] = getattr(args, name)
+    return ServerConfig(model=ModelConfig(**model_kw), engine=EngineConfig(**engine_kw), **server_kw)
+
+
+def _default_app_factory(config: ServerConfig):
+    from server.app import build_app  # heavy (torch, transformers): imported only when serving
+
+    return build_app(config)
+
+
+def metrics_bind_address(host: str) -> str:
+    """The gRPC host as an address ``prometheus_client`` binds (brackets stripped; ``[::]`` → ``::``)."""
+    host = host.strip("[]")
+    return host or "0.0.0.0"
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float = DEFAULT_SHUTDOWN_GRACE,
+          app_factory: Callable[[ServerConfig], object] | None = None,
+          announce: Callable[[str], None] = _announce) -> int:
+    """Build the app, serve gRPC and metrics, announce ``qlora-server listening on HOST:PORT (metrics on :N)``,
+    block until ``stop`` is set, then shut down gracefully: health → NOT_SERVING, ``server.stop(grace_seconds)``,
+    ``app.close()``, metrics endpoint closed.
+
+    ``app_factory`` builds the app (default ``server.app.build_app``). Returns the exit status: 0 after a clean
+    shutdown, 2 when start-up fails with a :class:`ServerError` (printed as one line naming the field).
+    """
+    from prometheus_client import start_http_server
+
+    from server.rpc.server import build_grpc_server, format_address, new_health_servicer
+
+    log = logging.getLogger("qlora_server")
+    try:
+        app = (app_factory or _default_app_factory)(config)
+    except ServerError as exc:
+        return _startup_error(exc)
+    httpd = None
+    try:
+        health = new_health_servicer()
+        grpc_server, port = build_grpc_server(app, config.host, config.port, health_servicer=health)
+        metrics_note = "metrics off"
+        if config.metrics_port >= 0:
+            try:
+                httpd, _ = start_http_server(config.metrics_port, addr=metrics_bind_address(config.host),
+                                             registry=app.metrics.registry)
+            except OSError as exc:
+                grpc_server.stop(None)
+                raise ServerError(f"cannot bind {config.metrics_port}: {exc}", field="metrics_port") from None
+            metrics_note = f"metrics on :{httpd.server_port}"
+    except ServerError as exc:
+        app.close()
+        return _startup_error(exc)
+
+    grpc_server.start()
+    address = format_address(config.host, port)
+    log.info("serving on %s (%s)", address, metrics_note)
+    announce(f"qlora-server listening on {address} ({metrics_note})")
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("shutting down (grace %.1f s)", grace_seconds)
+        health.enter_graceful_shutdown()
+        grpc_server.stop(grace_seconds).wait()
+        app.close()
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+    return 0
+
+
+def _startup_error(exc: ServerError) -> int:
+    print(f"qlora-server: error: {exc.code}: {exc}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_json)
+    try:
+        config = config_from_args(args)
+    except ServerError as exc:
+        return _startup_error(exc)
+    stop = threading.Event()
+    previous = {}
+
+    def on_signal(signum, frame):
+        stop.set()
+        for sig, handler in previous.items():  # a second signal acts at once
+            signal.signal(sig, handler)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        return serve(config, stop, grace_seconds=args.shutdown_grace)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 6), "level": record.levelname, "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(log_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if log_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+# --- clients -------------------------------------------------------------------------------------------------------
+
+
+def _client_command(fn: Callable[..., None]) -> Callable[[argparse.Namespace], int]:
+    """Run ``fn(client, args)``; a failed RPC prints ``error: CODE: message`` to stderr and exits 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from server.rpc.client import Client, ClientError
+
+        try:
+            with Client(args.target, timeout=args.timeout) as client:
+                fn(client, args)
+        except ClientError as exc:
+            print(f"error: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+    return run
+
+
+def generation_request_from_args(args: argparse.Namespace):
+    """The :class:`GenerationRequest` of ``generate``'s arguments (validated by the server, not here)."""
+    from server.engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+    messages: tuple = ()
+    if args.chat is not None:
+        messages = ((ChatMessage("system", args.system),) if args.system else ()) + (ChatMessage("user", args.chat),)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop=tuple(args.stop))
+    return GenerationRequest(request_id=args.request_id, adapter_id=args.adapter, prompt=args.prompt,
+                             messages=messages, params=params)
+
+
+@_client_command
+def _cmd_generate(client, args: argparse.Namespace) -> None:
+    request = generation_request_from_args(args)
+    if not args.stream:
+        print(client.generate(request).text, flush=True)
+        return
+    for event in client.generate_stream(request):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def adapter_json(info, residency: str) -> dict:
+    """A JSON-ready dict of an adapter (the server-internal ``path`` left out)."""
+    d = dataclasses.asdict(info)
+    d.pop("path", None)
+    d["target_modules"] = list(info.target_modules)
+    d["residency"] = residency
+    d["registered_at_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.registered_at))
+    return d
+
+
+def _print_adapter(info, residency: str) -> None:
+    print(json.dumps(adapter_json(info, residency), indent=2), flush=True)
+
+
+@_client_command
+def _cmd_adapters_list(client, args: argparse.Namespace) -> None:
+    adapters = client.list_adapters()
+    if args.json:
+        print(json.dumps([adapter_json(i, r) for i, r in adapters], indent=2), flush=True)
+        return
+    rows = [("ID", "RANK", "ALPHA", "MODULES", "SIZE_BYTES", "RESIDENCY", "BASE_MODEL")]
+    rows += [(i.adapter_id, str(i.max_rank), f"{i.lora_alpha:g}", str(i.module_count), str(i.size_bytes), r,
+              i.base_model) for i, r in adapters]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    sys.stdout.flush()
+
+
+@_client_command
+def _cmd_adapters_get(client, args: argparse.Namespace) -> None:
+    _print_adapter(*client.get_adapter(args.id))
+
+
+@_client_command
+def _cmd_adapters_register(client, args: argparse.Namespace) -> None:
+    _print_adapter(*client.register_adapter(args.id, args.path, replace=args.replace))
+
+
+@_client_command
+def _cmd_adapters_unregister(client, args: argparse.Namespace) -> None:
+    client.unregister_adapter(args.id)
+    print(f"unregistered {args.id}", flush=True)
+
+
+@_client_command
+def _cmd_adapters_upload(client, args: argparse.Namespace) -> None:
+    _print_adapter(*client.upload_adapter(args.id, args.dir, replace=args.replace))

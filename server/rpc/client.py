@@ -1,0 +1,122 @@
+"""A small blocking gRPC client of qlora-server that speaks plain Python types (used by the CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from server.adapters.types import AdapterInfo
+from server.engine.types import GenerationEvent, GenerationRequest, GenerationResult
+from server.rpc import convert
+from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
+from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
+
+#: Size of one ``UploadAdapter`` chunk (bytes).
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+
+
+class ClientError(Exception):
+    """An RPC failed: ``code`` is the gRPC status name (e.g. ``NOT_FOUND``), ``message`` the server's details."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> "ClientError":
+        code = err.code() if hasattr(err, "code") else None
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code.name if code is not None else "UNKNOWN", details or "")
+
+
+class Client:
+    """Blocking client over one insecure channel to ``target`` (``host:port``).
+
+    ``timeout`` is every call's deadline in seconds (None = none). Every method raises :class:`ClientError` when
+    the RPC fails. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, target: str, timeout: float | None = None) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._timeout = timeout
+        self._generation = pb_grpc.GenerationStub(self._channel)
+        self._adapters = pb_grpc.AdaptersStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc_error(err) from None
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run ``request`` (``deadline`` is ignored; use ``timeout``) and return the whole answer."""
+        return convert.generation_result_from_proto(
+            self._call(self._generation.Generate, convert.generate_request_to_proto(request)))
+
+    def generate_stream(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
+        """Yield the answer's events; the last has ``finished`` set. Closing the iterator early cancels the RPC."""
+        call = self._generation.GenerateStream(convert.generate_request_to_proto(request), timeout=self._timeout)
+        try:
+            for msg in call:
+                yield convert.stream_event_from_proto(msg)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    def list_adapters(self) -> list[tuple[AdapterInfo, str]]:
+        """Every adapter as ``(info, residency)``."""
+        resp = self._call(self._adapters.ListAdapters, pb.ListAdaptersRequest())
+        return [convert.adapter_from_proto(a) for a in resp.adapters]
+
+    def get_adapter(self, adapter_id: str) -> tuple[AdapterInfo, str]:
+        """One adapter as ``(info, residency)``."""
+        return convert.adapter_from_proto(
+            self._call(self._adapters.GetAdapter, pb.GetAdapterRequest(adapter_id=adapter_id)))
+
+    def register_adapter(self, adapter_id: str, path: str, replace: bool = False) -> tuple[AdapterInfo, str]:
+        """Register the adapter in ``path``, a directory on the server."""
+        return convert.adapter_from_proto(self._call(
+            self._adapters.RegisterAdapter,
+            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, replace=replace)))
+
+    def unregister_adapter(self, adapter_id: str) -> None:
+        """Remove an adapter."""
+        self._call(self._adapters.UnregisterAdapter, pb.UnregisterAdapterRequest(adapter_id=adapter_id))
+
+    def upload_adapter(self, adapter_id: str, directory: Path, replace: bool = False,
+                       chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> tuple[AdapterInfo, str]:
+        """Stream ``directory``'s ``adapter_config.json`` and ``adapter_model.safetensors`` in ``chunk_bytes``
+        pieces and register them. Raises :class:`ClientError` (INVALID_ARGUMENT, raised locally) when a file is
+        missing."""
+        files = [Path(directory) / name for name in convert.ADAPTER_FILES]
+        for f in files:
+            if not f.is_file():
+                raise ClientError("INVALID_ARGUMENT", f"dir: {f} does not exist")
+        total = sum(f.stat().st_size for f in files)
+        return convert.adapter_from_proto(
+            self._call(self._adapters.UploadAdapter, _upload_requests(adapter_id, files, replace, total, chunk_bytes)))
+
+
+def _upload_requests(adapter_id: str, files: list[Path], replace: bool, total: int,
+                     chunk_bytes: int) -> Iterator[pb.UploadAdapterRequest]:
+    yield pb.UploadAdapterRequest(header=pb.UploadHeader(adapter_id=adapter_id, replace=replace, total_bytes=total))
+    for path in files:
+        with open(path, "rb") as f:
+            data = f.read(chunk_bytes)
+            yield pb.UploadAdapterRequest(chunk=pb.FileChunk(filename=path.name, data=data))  # even when empty
+            while data := f.read(chunk_bytes):
+                yield pb.UploadAdapterRequest(chunk=pb.FileChunk(filename=path.name, data=data))

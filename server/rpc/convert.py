@@ -1,0 +1,232 @@
+"""Pure conversions between the protobuf messages of qlora_server.v1 and the server's plain Python types."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+from server.adapters.types import AdapterInfo
+from server.engine.types import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    ChatMessage,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    Timings,
+)
+from server.errors import InvalidArgument
+from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
+
+#: The only file names an ``UploadAdapter`` chunk may carry (a PEFT LoRA adapter directory).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: Longest accepted client-chosen request id (characters).
+MAX_REQUEST_ID_LENGTH = 256
+
+_FINISH_TO_PROTO = {
+    FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
+    FINISH_STOP: pb.FINISH_REASON_STOP,
+    FINISH_EOS: pb.FINISH_REASON_EOS,
+}
+_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+_RESIDENCY_TO_PROTO = {"disk": pb.RESIDENCY_DISK, "cpu": pb.RESIDENCY_CPU, "gpu": pb.RESIDENCY_GPU}
+_RESIDENCY_FROM_PROTO = {v: k for k, v in _RESIDENCY_TO_PROTO.items()}
+
+
+# --- Generation: server side ---------------------------------------------------------------------------------------
+
+
+def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: int) -> SamplingParams:
+    """Read the sampling fields of ``msg``; unset optional fields take :class:`SamplingParams` defaults
+    (max_new_tokens 256 or ``max_new_tokens_limit`` when lower, top_p 1.0, repetition_penalty 1.0, seed None).
+
+    ``max_new_tokens_limit`` is the server's cap (tokens). Raises :class:`InvalidArgument` naming the first bad
+    field (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``).
+    """
+    kwargs: dict = {"temperature": msg.temperature, "top_k": msg.top_k, "stop": tuple(msg.stop),
+                    "max_new_tokens": min(SamplingParams.max_new_tokens, max_new_tokens_limit)}
+    for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
+        if msg.HasField(name):
+            kwargs[name] = getattr(msg, name)
+    params = SamplingParams(**kwargs)
+    params.validate(max_new_tokens_limit)
+    return params
+
+
+def chat_messages_from_proto(messages) -> tuple[ChatMessage, ...]:
+    """Convert repeated ``ChatMessage``; raises :class:`InvalidArgument` (field ``messages[i].role``) for an empty
+    role."""
+    out = []
+    for i, m in enumerate(messages):
+        if not m.role.strip():
+            raise InvalidArgument("must be non-empty (e.g. 'user')", field=f"messages[{i}].role")
+        out.append(ChatMessage(role=m.role, content=m.content))
+    return tuple(out)
+
+
+def generation_request_from_proto(msg: pb.GenerateRequest, *, default_request_id: str, max_new_tokens_limit: int,
+                                  deadline: float | None = None) -> GenerationRequest:
+    """Build the engine's :class:`GenerationRequest` from ``msg``.
+
+    Args:
+        default_request_id: used when ``msg.request_id`` is empty.
+        max_new_tokens_limit: the server's cap on ``max_new_tokens`` (tokens).
+        deadline: ``time.monotonic()`` instant after which the engine abandons the request; None = none.
+
+    Raises:
+        InvalidArgument: naming the proto field: ``prompt`` when both or neither of ``prompt`` and ``messages``
+            are set, ``messages[i].role``, ``request_id`` (too long), or a sampling field.
+    """
+    has_prompt, has_messages = bool(msg.prompt), len(msg.messages) > 0
+    if has_prompt and has_messages:
+        raise InvalidArgument("set exactly one of prompt and messages, not both", field="prompt")
+    if not has_prompt and not has_messages:
+        raise InvalidArgument("one of prompt and messages is required", field="prompt")
+    if len(msg.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument(f"at most {MAX_REQUEST_ID_LENGTH} characters", field="request_id")
+    return GenerationRequest(
+        request_id=msg.request_id or default_request_id,
+        adapter_id=msg.adapter_id,
+        prompt=msg.prompt if has_prompt else None,
+        messages=chat_messages_from_proto(msg.messages),
+        params=sampling_params_from_proto(msg, max_new_tokens_limit),
+        deadline=deadline,
+    )
+
+
+def finish_reason_to_proto(reason: str | None) -> int:
+    """``"length"`` / ``"stop"`` / ``"eos"`` → ``FinishReason`` value; None → UNSPECIFIED. Raises ValueError for
+    any other string."""
+    if reason is None:
+        return pb.FINISH_REASON_UNSPECIFIED
+    try:
+        return _FINISH_TO_PROTO[reason]
+    except KeyError:
+        raise ValueError(f"unknown finish reason {reason!r}") from None
+
+
+def timings_to_proto(t: Timings) -> pb.Timings:
+    """Copy timings (seconds)."""
+    return pb.Timings(queue_seconds=t.queue_seconds, ttft_seconds=t.ttft_seconds, total_seconds=t.total_seconds,
+                      tpot_seconds=t.tpot_seconds)
+
+
+def generate_response_to_proto(result: GenerationResult) -> pb.GenerateResponse:
+    """A finished request's whole answer → ``GenerateResponse``."""
+    return pb.GenerateResponse(
+        request_id=result.request_id, text=result.text, finish_reason=finish_reason_to_proto(result.finish_reason),
+        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+        timings=timings_to_proto(result.timings))
+
+
+def stream_event_to_proto(event: GenerationEvent) -> pb.GenerateStreamResponse:
+    """One engine event → ``GenerateStreamResponse``; token counts and timings only on the finished event. The caller
+    handles ``event.error`` (it is not representable here)."""
+    msg = pb.GenerateStreamResponse(request_id=event.request_id, text=event.text)
+    if event.finished:
+        msg.finish_reason = finish_reason_to_proto(event.finish_reason)
+        msg.prompt_tokens = event.prompt_tokens
+        msg.completion_tokens = event.completion_tokens
+        if event.timings is not None:
+            msg.timings.CopyFrom(timings_to_proto(event.timings))
+    return msg
+
+
+# --- Generation: client side ---------------------------------------------------------------------------------------
+
+
+def generate_request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
+    """Plain request → ``GenerateRequest``. Optional sampling fields equal to their :class:`SamplingParams`
+    default are left unset, so the server applies its own default (the same value, except that an unset
+    ``max_new_tokens`` is capped by the server's limit). ``deadline`` is not carried: use the RPC timeout."""
+    p = req.params
+    msg = pb.GenerateRequest(
+        request_id=req.request_id, adapter_id=req.adapter_id, prompt=req.prompt or "",
+        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in req.messages],
+        temperature=p.temperature, top_k=p.top_k, stop=list(p.stop))
+    defaults = SamplingParams()
+    for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
+        value = getattr(p, name)
+        if value is not None and value != getattr(defaults, name):
+            setattr(msg, name, value)
+    return msg
+
+
+def finish_reason_from_proto(value: int) -> str | None:
+    """``FinishReason`` value → ``"length"`` / ``"stop"`` / ``"eos"``; UNSPECIFIED (or unknown) → None."""
+    return _FINISH_FROM_PROTO.get(value)
+
+
+def timings_from_proto(msg: pb.Timings) -> Timings:
+    """Copy timings (seconds)."""
+    return Timings(queue_seconds=msg.queue_seconds, ttft_seconds=msg.ttft_seconds, total_seconds=msg.total_seconds,
+                   tpot_seconds=msg.tpot_seconds)
+
+
+def generation_result_from_proto(msg: pb.GenerateResponse) -> GenerationResult:
+    """``GenerateResponse`` → :class:`GenerationResult` (``token_ids`` is empty: the wire does not carry them)."""
+    return GenerationResult(
+        request_id=msg.request_id, text=msg.text, token_ids=(),
+        finish_reason=finish_reason_from_proto(msg.finish_reason) or "",
+        prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
+        timings=timings_from_proto(msg.timings))
+
+
+def stream_event_from_proto(msg: pb.GenerateStreamResponse) -> GenerationEvent:
+    """``GenerateStreamResponse`` → :class:`GenerationEvent`; ``finished`` is set on the message that carries a
+    finish reason."""
+    reason = finish_reason_from_proto(msg.finish_reason)
+    if reason is None:
+        return GenerationEvent(request_id=msg.request_id, text=msg.text)
+    return GenerationEvent(
+        request_id=msg.request_id, text=msg.text, finished=True, finish_reason=reason,
+        prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
+        timings=timings_from_proto(msg.timings) if msg.HasField("timings") else None)
+
+
+# --- Adapters ------------------------------------------------------------------------------------------------------
+
+
+def residency_to_proto(residency: str) -> int:
+    """``"disk"`` / ``"cpu"`` / ``"gpu"`` → ``Residency`` value; anything else → UNSPECIFIED."""
+    return _RESIDENCY_TO_PROTO.get(residency, pb.RESIDENCY_UNSPECIFIED)
+
+
+def residency_from_proto(value: int) -> str:
+    """``Residency`` value → ``"disk"`` / ``"cpu"`` / ``"gpu"``, or ``"unknown"``."""
+    return _RESIDENCY_FROM_PROTO.get(value, "unknown")
+
+
+def adapter_to_proto(info: AdapterInfo, residency: str) -> pb.Adapter:
+    """:class:`AdapterInfo` plus its cache residency → ``Adapter`` (sizes in bytes, time in UNIX seconds; the
+    store-internal ``path`` is not exposed)."""
+    return pb.Adapter(
+        adapter_id=info.adapter_id, base_model=info.base_model, rank=info.rank, lora_alpha=info.lora_alpha,
+        rank_pattern=dict(info.ranks), alpha_pattern=dict(info.alphas), target_modules=list(info.target_modules),
+        module_count=info.module_count, use_rslora=info.use_rslora, size_bytes=info.size_bytes, sha256=info.sha256,
+        residency=residency_to_proto(residency), registered_at=info.registered_at)
+
+
+def adapter_from_proto(msg: pb.Adapter) -> tuple[AdapterInfo, str]:
+    """``Adapter`` → (:class:`AdapterInfo` with an empty ``path``, residency string). Float fields come back at
+    the wire's float32 precision."""
+    info = AdapterInfo(
+        adapter_id=msg.adapter_id, base_model=msg.base_model, rank=msg.rank, lora_alpha=_f32(msg.lora_alpha),
+        target_modules=tuple(msg.target_modules), module_count=msg.module_count, use_rslora=msg.use_rslora,
+        size_bytes=msg.size_bytes, sha256=msg.sha256, path="", registered_at=msg.registered_at,
+        ranks=dict(msg.rank_pattern), alphas={k: _f32(v) for k, v in msg.alpha_pattern.items()})
+    return info, residency_from_proto(msg.residency)
+
+
+def _f32(x: float) -> float:
+    """The shortest decimal that rounds to the same float32 as ``x`` (a float32 read from the wire): 16.0 stays
+    16.0 and 0.1 comes back as 0.1 rather than 0.10000000149011612."""
+    if not math.isfinite(x):
+        return x
+    for digits in range(1, 10):
+        candidate = float(f"{x:.{digits}g}")
+        if struct.unpack("<f", struct.pack("<f", candidate))[0] == x:
+            return candidate
+    return x

@@ -1,0 +1,1 @@
+"""Generated code of the qlora_server proto package (do not edit)."""

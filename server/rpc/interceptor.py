@@ -1,0 +1,135 @@
+"""The one server interceptor: maps raised errors to gRPC status codes and counts every finished RPC by code."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import grpc
+
+from server.errors import ServerError
+from server.metrics import Metrics
+
+_LOG = logging.getLogger(__name__)
+
+#: Trailing-metadata key carrying :attr:`ServerError.field` (the bad request field) when the error names one.
+FIELD_METADATA_KEY = "qlora-error-field"
+#: Status details sent for unexpected exceptions (the traceback goes to the server log only).
+INTERNAL_DETAILS = "internal error (see the server log)"
+
+
+def status_code_for(error: ServerError) -> grpc.StatusCode:
+    """The :class:`grpc.StatusCode` named by ``error.code``; INTERNAL when the name is not a status code."""
+    try:
+        return grpc.StatusCode[error.code]
+    except KeyError:
+        return grpc.StatusCode.INTERNAL
+
+
+class _Outcome:
+    """Counts one RPC exactly once: with the code its handler ended with, or CANCELLED when the RPC terminated
+    (client cancel, disconnect, deadline) before the handler did."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self._metrics = metrics
+        self._method = method
+        self._lock = threading.Lock()
+        self._done = False
+
+    def record(self, code: str) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._metrics.requests.labels(self._method, code).inc()
+
+    def on_terminated(self) -> None:
+        self.record(grpc.StatusCode.CANCELLED.name)
+
+
+class StatusInterceptor(grpc.ServerInterceptor):
+    """Wraps every handler (unary and streaming, requests and responses) so that:
+
+    * a :class:`ServerError` becomes the status its ``.code`` names, with ``str(error)`` ("field: message") as
+      details and the field in trailing metadata ``qlora-error-field``;
+    * any other exception becomes INTERNAL with a fixed message (logged here with its traceback, never sent);
+    * a handler that set a status itself (``context.abort`` / ``set_code``) keeps it;
+    * ``metrics.requests{method, code}`` counts the RPC once when it finishes; ``method`` is the full method
+      name without the leading slash (e.g. ``qlora_server.v1.Generation/Generate``).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.lstrip("/")
+        kwargs = {"request_deserializer": handler.request_deserializer,
+                  "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(handler.unary_unary, method), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(handler.stream_unary, method), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method), **kwargs)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(self._wrap_stream(handler.stream_stream, method), **kwargs)
+        return handler
+
+    def _start(self, method: str, context: grpc.ServicerContext) -> _Outcome:
+        outcome = _Outcome(self._metrics, method)
+        if not context.add_callback(outcome.on_terminated):
+            outcome.on_terminated()
+        return outcome
+
+    def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
+        def wrapped(request_or_iterator, context):
+            outcome = self._start(method, context)
+            try:
+                response = behavior(request_or_iterator, context)
+            except Exception as exc:
+                self._fail(exc, context, outcome, method)
+                raise
+            outcome.record(_final_code(context))
+            return response
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
+        def wrapped(request_or_iterator, context):
+            outcome = self._start(method, context)
+            try:
+                yield from behavior(request_or_iterator, context)
+            except Exception as exc:
+                self._fail(exc, context, outcome, method)
+                raise
+            outcome.record(_final_code(context))
+
+        return wrapped
+
+    def _fail(self, exc: Exception, context: grpc.ServicerContext, outcome: _Outcome, method: str) -> None:
+        """Record the failure and abort the RPC with its status (``context.abort`` raises); returns only when the
+        handler already set a status or the RPC is gone, and the caller re-raises."""
+        if isinstance(exc, ServerError):
+            code = status_code_for(exc)
+            outcome.record(code.name)
+            if exc.field:
+                context.set_trailing_metadata(((FIELD_METADATA_KEY, exc.field),))
+            context.abort(code, str(exc))
+        preset = context.code()
+        if preset is not None and preset != grpc.StatusCode.OK:
+            outcome.record(preset.name)  # the handler aborted with its own status
+            return
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            return  # reading requests of an RPC the client cancelled; on_terminated counts it
+        _LOG.error("unhandled exception in %s", method, exc_info=exc)
+        outcome.record(grpc.StatusCode.INTERNAL.name)
+        context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
+
+def _final_code(context: grpc.ServicerContext) -> str:
+    code = context.code()
+    return (code or grpc.StatusCode.OK).name

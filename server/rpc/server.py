@@ -1,0 +1,90 @@
+"""Assemble the gRPC server: servicers, the error/metrics interceptor, grpc.health.v1 health and reflection."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.errors import FailedPrecondition
+from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
+from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
+from server.rpc.interceptor import StatusInterceptor
+from server.rpc.service import AdaptersServicer, GenerationServicer
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+ADAPTERS_SERVICE = pb.DESCRIPTOR.services_by_name["Adapters"].full_name
+TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["Training"].full_name
+#: Largest request message accepted (bytes); upload chunks are ~1 MiB, this leaves room for bigger ones.
+MAX_RECEIVE_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def new_health_servicer() -> health.HealthServicer:
+    """A health servicer to pass to :func:`build_grpc_server` when the caller wants to flip it later (e.g. to
+    NOT_SERVING with ``enter_graceful_shutdown()`` at shutdown)."""
+    return health.HealthServicer(experimental_non_blocking=True,
+                                 experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port`` with an IPv6 literal bracketed (``::`` → ``[::]:50051``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def build_grpc_server(app, host: str, port: int, *, health_servicer: health.HealthServicer | None = None,
+                      training_servicer: pb_grpc.TrainingServicer | None = None) -> tuple[grpc.Server, int]:
+    """Build (not start) the thread-pool gRPC server of ``app`` and bind it.
+
+    It serves ``qlora_server.v1.Generation`` and ``Adapters`` (plus ``Training`` when ``training_servicer`` is
+    given), ``grpc.health.v1.Health`` (SERVING for ``""`` and every service name) and server reflection, all
+    behind one :class:`StatusInterceptor` that maps errors and counts ``app.metrics.requests``. The pool has
+    ``app.config.grpc_workers`` threads; a streaming RPC holds one for its whole life.
+
+    Args:
+        app: the application (``config``, ``engine``, ``store``, ``adapter_cache``, ``metrics``).
+        host: address to bind (``[::]`` / ``::`` = all interfaces).
+        port: TCP port; 0 picks a free one.
+        health_servicer: health servicer to register (a new one when None); pass one from
+            :func:`new_health_servicer` to flip it at shutdown.
+        training_servicer: implementation of ``qlora_server.v1.Training``, registered when given.
+
+    Returns:
+        ``(server, bound_port)``; call ``server.start()``.
+
+    Raises:
+        FailedPrecondition: (field ``port``) the address cannot be bound, e.g. the port is in use.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=app.config.grpc_workers, thread_name_prefix="grpc"),
+        interceptors=[StatusInterceptor(app.metrics)],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
+    )
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(app), server)
+    pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(app), server)
+    services = [GENERATION_SERVICE, ADAPTERS_SERVICE]
+    if training_servicer is not None:
+        pb_grpc.add_TrainingServicer_to_server(training_servicer, server)
+        services.append(TRAINING_SERVICE)
+
+    health_servicer = health_servicer or new_health_servicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *services):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    address = format_address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        bound = 0
+        detail = f" ({exc})"
+    else:
+        detail = ""
+    if not bound:
+        server.stop(None)
+        raise FailedPrecondition(f"cannot bind {address}{detail}; is the port in use?", field="port")
+    return server, bound

@@ -1,0 +1,179 @@
+"""Fakes of the App, engine, adapter store and cache that the RPC tests serve over real gRPC."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from server.adapters.types import AdapterInfo
+from server.config import EngineConfig, ServerConfig
+from server.engine.types import FINISH_LENGTH, GenerationEvent, GenerationRequest, Timings
+from server.errors import (AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument, NotFound,
+                           ResourceExhausted)
+from server.metrics import Metrics
+
+ADAPTER_CONFIG = {"base_model_name_or_path": "fake/base", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+                  "peft_type": "LORA"}
+SAFETENSORS_MAGIC = b"FAKE-SAFETENSORS"
+
+# Prompts that make the fake engine misbehave in a given way.
+PROMPT_EXHAUST = "exhaust"      # submit raises ResourceExhausted
+PROMPT_BLOCK = "block"          # the stream blocks until cancelled, then ends with Cancelled
+PROMPT_DEADLINE = "deadline"    # one text event, then an event with DeadlineExceeded
+PROMPT_CRASH = "crash"          # an event with an unexpected exception
+SECRET = "secret-internal-detail"
+
+
+def write_adapter_dir(path: Path, config: dict | None = None, weights: bytes = SAFETENSORS_MAGIC + b"\0" * 16) -> Path:
+    """A minimal adapter directory the fake store accepts."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config or ADAPTER_CONFIG))
+    (path / "adapter_model.safetensors").write_bytes(weights)
+    return path
+
+
+class FakeStream:
+    """Iterates canned events; ``cancel`` is recorded (and unblocks a blocking stream)."""
+
+    def __init__(self, request: GenerationRequest, events: list[GenerationEvent], block: bool = False) -> None:
+        self.request_id = request.request_id
+        self._events = events
+        self._block = block
+        self.cancelled = threading.Event()
+
+    def __iter__(self):
+        if self._block:
+            self.cancelled.wait(60)
+            yield GenerationEvent(request_id=self.request_id, error=Cancelled("cancelled by the client"))
+            return
+        yield from self._events
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class FakeEngine:
+    """Echoes the prompt (or the rendered messages) back word by word."""
+
+    def __init__(self, store: "FakeStore") -> None:
+        self._store = store
+        self.submitted: list[GenerationRequest] = []
+        self.streams: list[FakeStream] = []
+        self.stream_started = threading.Event()
+
+    def submit(self, request: GenerationRequest) -> FakeStream:
+        request.params.validate(64)
+        if request.adapter_id and request.adapter_id not in self._store.adapters:
+            raise NotFound(f"adapter {request.adapter_id!r} is not registered", field="adapter_id")
+        if request.prompt == PROMPT_EXHAUST:
+            raise ResourceExhausted("the queue is full")
+        self.submitted.append(request)
+        rid = request.request_id
+        if request.prompt == PROMPT_BLOCK:
+            stream = FakeStream(request, [], block=True)
+        elif request.prompt == PROMPT_DEADLINE:
+            stream = FakeStream(request, [GenerationEvent(rid, text="partial"),
+                                          GenerationEvent(rid, error=DeadlineExceeded("the deadline passed"))])
+        elif request.prompt == PROMPT_CRASH:
+            stream = FakeStream(request, [GenerationEvent(rid, error=RuntimeError(SECRET))])
+        else:
+            text = request.prompt if request.prompt is not None else " ".join(
+                f"{m.role}: {m.content}" for m in request.messages)
+            words = text.split(" ")
+            pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+            events = [GenerationEvent(rid, text=p, token_ids=(i,)) for i, p in enumerate(pieces[:-1])]
+            events.append(GenerationEvent(rid, text=pieces[-1], token_ids=(len(pieces) - 1,), finished=True,
+                                          finish_reason=FINISH_LENGTH, prompt_tokens=len(words),
+                                          completion_tokens=len(words),
+                                          timings=Timings(0.25, 0.5, 1.5, 0.125)))
+            stream = FakeStream(request, events)
+        self.streams.append(stream)
+        self.stream_started.set()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        for s in self.streams:
+            if s.request_id == request_id:
+                s.cancel()
+
+
+class FakeStore:
+    """Adapters in a dict; validation is a JSON parse of the config and a magic prefix on the weights."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.adapters: dict[str, AdapterInfo] = {}
+
+    def _validate(self, adapter_id: str, directory: Path, replace: bool) -> AdapterInfo:
+        if not adapter_id:
+            raise InvalidArgument("must be non-empty", field="adapter_id")
+        if adapter_id in self.adapters and not replace:
+            raise AlreadyExists(f"adapter {adapter_id!r} exists", field="adapter_id")
+        if not directory.is_dir():
+            raise NotFound(f"{directory} is not a directory", field="path")
+        try:
+            config = json.loads((directory / "adapter_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"unreadable: {exc}", field="adapter_config.json") from None
+        weights = (directory / "adapter_model.safetensors").read_bytes()
+        if not weights.startswith(SAFETENSORS_MAGIC):
+            raise InvalidArgument("not a safetensors file", field="adapter_model.safetensors")
+        return AdapterInfo(adapter_id=adapter_id, base_model=config["base_model_name_or_path"], rank=config["r"],
+                           lora_alpha=float(config["lora_alpha"]), target_modules=tuple(config["target_modules"]),
+                           module_count=30, use_rslora=False, size_bytes=len(weights), sha256="ab" * 32,
+                           path=str(self.root / adapter_id), registered_at=time.time(), ranks={"v_proj": 4},
+                           alphas={"v_proj": 8.0})
+
+    def register(self, adapter_id: str, source_dir: Path, replace: bool) -> AdapterInfo:
+        info = self._validate(adapter_id, source_dir, replace)
+        shutil.copytree(source_dir, self.root / adapter_id, dirs_exist_ok=True)
+        self.adapters[adapter_id] = info
+        return info
+
+    def register_files(self, adapter_id: str, staged_dir: Path, replace: bool) -> AdapterInfo:
+        info = self._validate(adapter_id, staged_dir, replace)
+        shutil.rmtree(self.root / adapter_id, ignore_errors=True)
+        staged_dir.rename(self.root / adapter_id)  # like the real store: moves the staged directory
+        self.adapters[adapter_id] = info
+        return info
+
+    def unregister(self, adapter_id: str) -> None:
+        if self.adapters.pop(adapter_id, None) is None:
+            raise NotFound(f"adapter {adapter_id!r} is not registered", field="adapter_id")
+
+    def get(self, adapter_id: str) -> AdapterInfo:
+        try:
+            return self.adapters[adapter_id]
+        except KeyError:
+            raise NotFound(f"adapter {adapter_id!r} is not registered", field="adapter_id") from None
+
+    def list(self) -> list[AdapterInfo]:
+        return list(self.adapters.values())
+
+
+class FakeAdapterCache:
+    """Adapters whose id starts with ``hot`` are on the GPU, all others on disk."""
+
+    def residency(self, adapter_id: str) -> str:
+        return "gpu" if adapter_id.startswith("hot") else "disk"
+
+
+class FakeApp:
+    """What ``server.app.App`` exposes to the RPC layer."""
+
+    def __init__(self, root: Path, max_upload_bytes: int = 64 * 1024, **config_changes) -> None:
+        self.config = ServerConfig(engine=EngineConfig(max_new_tokens=64), max_upload_bytes=max_upload_bytes,
+                                   grpc_workers=8, adapters_dir=root, **config_changes)
+        self.store = FakeStore(root)
+        self.engine = FakeEngine(self.store)
+        self.adapter_cache = FakeAdapterCache()
+        self.metrics = Metrics()
+        self.base_info = SimpleNamespace(name="fake/base", device="cpu")
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True

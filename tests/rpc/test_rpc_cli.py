@@ -1,0 +1,140 @@
+"""The command line: help, start-up errors, client commands against a fake server, and ``serve`` with a fake app."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rpc_fakes import FakeApp, write_adapter_dir
+
+from server.cli import main, serve
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT = 30.0
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_the_commands():
+    proc = _run_module("--help")
+    assert proc.returncode == 0
+    for command in ("serve", "generate", "adapters"):
+        assert command in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [["serve", "--help"], ["generate", "--help"], ["adapters", "upload", "--help"]])
+def test_subcommand_help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0 and "usage: qlora-server" in capsys.readouterr().out
+
+
+def test_serve_with_a_bad_config_exits_2_naming_the_field():
+    proc = _run_module("serve", "--port", "70000", "--metrics-port", "-1")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "port:" in lines[0] and "INVALID_ARGUMENT" in lines[0]
+
+
+def test_generate_prints_the_text(address, capsys):
+    assert main(["generate", "--target", address, "--prompt", "hello big world"]) == 0
+    assert capsys.readouterr().out == "hello big world\n"
+
+
+def test_generate_stream_and_chat(address, app, capsys):
+    assert main(["generate", "--target", address, "--chat", "hi there", "--system", "terse", "--stream",
+                 "--temperature", "0.7", "--seed", "3", "--stop", "END", "--timeout", "60"]) == 0
+    assert capsys.readouterr().out == "system: terse user: hi there\n"
+    params = app.engine.submitted[0].params
+    assert (params.temperature, params.seed, params.stop) == (0.7, 3, ("END",))
+    assert app.engine.submitted[0].deadline is not None
+
+
+def test_client_errors_print_code_and_exit_1(address, capsys):
+    assert main(["generate", "--target", address, "--prompt", "x", "--adapter", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: NOT_FOUND: ") and "nope" in err
+    assert main(["generate", "--target", address, "--prompt", "x", "--temperature", "-1"]) == 1
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: temperature: ")
+
+
+def test_adapters_commands(address, app, tmp_path, capsys):
+    src = write_adapter_dir(tmp_path / "src")
+    assert main(["adapters", "register", "--target", address, "--id", "reg", "--path", str(src)]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter_id"] == "reg"
+    assert main(["adapters", "upload", "--target", address, "--id", "hot-up", "--dir", str(src)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["adapter_id"] == "hot-up" and out["residency"] == "gpu" and "path" not in out
+    assert (Path(app.store.root) / "hot-up" / "adapter_model.safetensors").read_bytes() == \
+        (src / "adapter_model.safetensors").read_bytes()
+    assert main(["adapters", "list", "--target", address]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[0] == "ID" and [row.split()[0] for row in table[1:]] == ["hot-up", "reg"]
+    assert main(["adapters", "list", "--target", address, "--json"]) == 0
+    assert [a["adapter_id"] for a in json.loads(capsys.readouterr().out)] == ["hot-up", "reg"]
+    assert main(["adapters", "get", "--target", address, "--id", "reg"]) == 0
+    assert json.loads(capsys.readouterr().out)["rank"] == 8
+    assert main(["adapters", "unregister", "--target", address, "--id", "reg"]) == 0
+    capsys.readouterr()
+    assert main(["adapters", "get", "--target", address, "--id", "reg"]) == 1
+    assert capsys.readouterr().err.startswith("error: NOT_FOUND: ")
+
+
+def test_upload_of_a_missing_directory_fails_locally(address, tmp_path, capsys):
+    assert main(["adapters", "upload", "--target", address, "--id", "x", "--dir", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: dir: ")
+
+
+def test_unreachable_server_is_reported(capsys):
+    assert main(["adapters", "list", "--target", "127.0.0.1:1", "--timeout", "5"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_serve_announces_serves_and_shuts_down(tmp_path):
+    app = FakeApp(tmp_path / "adapters", host="127.0.0.1", port=0, metrics_port=0)
+    stop, ready, lines, result = threading.Event(), threading.Event(), [], []
+
+    def announce(line: str) -> None:
+        lines.append(line)
+        ready.set()
+
+    thread = threading.Thread(target=lambda: result.append(
+        serve(app.config, stop, grace_seconds=1.0, app_factory=lambda config: app, announce=announce)))
+    thread.start()
+    try:
+        assert ready.wait(WAIT)
+        line = lines[0]
+        assert line.startswith("qlora-server listening on 127.0.0.1:") and "(metrics on :" in line
+        grpc_port = int(line.split("127.0.0.1:")[1].split(" ")[0])
+        metrics_port = int(line.rsplit(":", 1)[1].rstrip(")"))
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=WAIT).read().decode()
+        assert 'qlora_server_requests_total{code="OK",method="grpc.health.v1.Health/Check"} 1.0' in body
+    finally:
+        stop.set()
+        thread.join(WAIT)
+    assert result == [0] and app.closed
+
+
+def test_serve_start_up_error_exits_2(tmp_path, capsys):
+    from server.errors import InvalidArgument
+
+    def failing_factory(config):
+        raise InvalidArgument("no such model", field="model")
+
+    app = FakeApp(tmp_path / "adapters", port=0, metrics_port=-1)
+    assert serve(app.config, threading.Event(), app_factory=failing_factory) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model: no such model" in err[0]
