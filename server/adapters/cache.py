@@ -49,7 +49,8 @@ class AdapterCache:
         self._slot_key: list[Key | None] = [None] * router.slots
         self._slot_refs = [0] * router.slots
         self._slot_used = [0.0] * router.slots  # last use, for LRU among unpinned slots
-        self._stale: set[Key] = set()
+        self._slot_stale = [False] * router.slots  # holds a replaced / unregistered adapter: never matched again
+        self._disk_loaded: set[Key] = set()  # loaded from disk after a cpu miss, not yet promoted to a slot
         self._generation: dict[str, int] = {}  # bumped on replace / unregister; a load started before is dropped
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
         metrics.adapter_slot_capacity.set(router.slots)
@@ -70,7 +71,7 @@ class AdapterCache:
         except NotFound:
             return "disk"
         with self._lock:
-            if key in self._slot_key:
+            if self._live_slot(key) is not None:
                 return "gpu"
             if key in self._host:
                 return "cpu"
@@ -84,9 +85,11 @@ class AdapterCache:
             for key in [k for k in self._host if k[0] == adapter_id]:
                 del self._host[key]
                 self.metrics.adapter_evictions.labels("cpu").inc()
-            for key in [k for k in self._slot_key if k is not None and k[0] == adapter_id]:
-                self._stale.add(key)
+            for slot, key in enumerate(self._slot_key):
+                if key is not None and key[0] == adapter_id:
+                    self._slot_stale[slot] = True  # cleared on the engine thread once no row uses it
             self._failed = {k: v for k, v in self._failed.items() if k[0] != adapter_id}
+            self._disk_loaded = {k for k in self._disk_loaded if k[0] != adapter_id}
         self._update_gauges()
 
     # --- engine thread ----------------------------------------------------------------------------------
@@ -98,21 +101,20 @@ class AdapterCache:
             ServerError: the background load failed (e.g. the files changed on disk), or the adapter is gone.
         """
         with self._lock:
-            if key in self._stale:
-                raise NotFound(f"adapter {key[0]!r} was replaced or unregistered", field="adapter_id")
-            if key in self._slot_key:
-                slot = self._slot_key.index(key)
+            slot = self._live_slot(key)
+            if slot is not None:
                 self._pin(slot)
                 self.metrics.adapter_cache_hits.labels("gpu").inc()
                 return slot
             error = self._failed.pop(key, None)
             if error is not None:
+                self._disk_loaded.discard(key)
                 raise error
             adapter = self._host.get(key)
             if adapter is None:
                 if key not in self._loading:
-                    self.metrics.adapter_cache_misses.labels("gpu").inc()
                     self.metrics.adapter_cache_misses.labels("cpu").inc()
+                    self._disk_loaded.add(key)
                     generation = self._generation.get(key[0], 0)
                     self._loading[key] = self._pool.submit(self._load_from_disk, key, generation)
                 return None
@@ -120,11 +122,17 @@ class AdapterCache:
             if slot is None:
                 return None
             self._host.move_to_end(key)
+            # One lookup counts once per tier: a gpu miss when the slot is filled, and a cpu hit only when the
+            # host copy was not loaded from disk for this very miss (that lookup already counted a cpu miss).
             self.metrics.adapter_cache_misses.labels("gpu").inc()
-            self.metrics.adapter_cache_hits.labels("cpu").inc()
+            if key in self._disk_loaded:
+                self._disk_loaded.discard(key)
+            else:
+                self.metrics.adapter_cache_hits.labels("cpu").inc()
             if self._slot_key[slot] is not None:
                 self.metrics.adapter_evictions.labels("gpu").inc()
             self._slot_key[slot] = None
+            self._slot_stale[slot] = False
         start = time.perf_counter()
         self.router.load(slot, adapter)  # engine thread, between steps: no row reads the slot now
         self.metrics.adapter_load_latency.labels("gpu").observe(time.perf_counter() - start)
@@ -139,12 +147,10 @@ class AdapterCache:
         """Unpin one use of ``slot``; a stale (replaced / unregistered) adapter's slot is cleared when unused."""
         with self._lock:
             self._slot_refs[slot] -= 1
-            key = self._slot_key[slot]
-            clear = self._slot_refs[slot] == 0 and key in self._stale
+            clear = self._slot_refs[slot] == 0 and self._slot_stale[slot]
             if clear:
                 self._slot_key[slot] = None
-                if key not in self._slot_key:
-                    self._stale.discard(key)
+                self._slot_stale[slot] = False
                 self.metrics.adapter_evictions.labels("gpu").inc()
         if clear:
             self.router.clear(slot)  # free the memory's contents; the bank itself is preallocated
@@ -158,12 +164,20 @@ class AdapterCache:
         self._slot_refs[slot] += 1
         self._slot_used[slot] = time.monotonic()
 
+    def _live_slot(self, key: Key) -> int | None:
+        """The slot holding ``key`` (not stale), if any (lock held)."""
+        for slot, k in enumerate(self._slot_key):
+            if k == key and not self._slot_stale[slot]:
+                return slot
+        return None
+
     def _free_slot(self) -> int | None:
-        """An empty slot, else the least recently used unpinned one; None if all are pinned (lock held)."""
+        """An empty or stale slot, else the least recently used unpinned one; None if all are pinned (lock
+        held)."""
         candidates = [s for s in range(len(self._slot_key)) if self._slot_refs[s] == 0]
         if not candidates:
             return None
-        empty = [s for s in candidates if self._slot_key[s] is None]
+        empty = [s for s in candidates if self._slot_key[s] is None or self._slot_stale[s]]
         return empty[0] if empty else min(candidates, key=lambda s: self._slot_used[s])
 
     def _load_from_disk(self, key: Key, generation: int) -> None:
@@ -198,5 +212,7 @@ class AdapterCache:
 
     def _update_gauges(self) -> None:
         with self._lock:
-            self.metrics.adapters_resident.labels("gpu").set(sum(k is not None for k in self._slot_key))
+            live = sum(k is not None and not stale for k, stale in zip(self._slot_key, self._slot_stale))
+            self.metrics.adapters_resident.labels("gpu").set(live)
             self.metrics.adapters_resident.labels("cpu").set(len(self._host))
+            self.metrics.component_bytes.labels("adapter_host_cache").set(sum(a.nbytes for a in self._host.values()))

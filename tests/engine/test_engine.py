@@ -215,3 +215,14 @@ def test_replaced_adapter_never_serves_old_weights(tmp_path, files):
             eng.submit(req("4", "alpha"))
     finally:
         eng.stop()
+
+
+def test_replace_with_identical_files_keeps_serving(tmp_path, files):
+    """Re-registering the same weights (same sha256) with replace must not strand the adapter."""
+    eng, store, _ = build(tmp_path, files)
+    try:
+        before = eng.generate(req("1", "gamma")).token_ids
+        store.register("gamma", files[1]["gamma"], replace=True)
+        assert eng.generate(req("2", "gamma")).token_ids == before
+    finally:
+        eng.stop()
