@@ -6,21 +6,46 @@ import os
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import PlatformCollector, ProcessCollector
 
-# LLM latencies span milliseconds (a decode step on a GPU) to minutes (long CPU generations).
+#: Buckets (seconds) of end-to-end latency, time to first token and queue wait: LLM latencies span milliseconds
+#: (a decode step on a GPU) to minutes (long CPU generations or a deep queue).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: Buckets (seconds) of per-token and per-step durations: ~1 ms (tiny models, big GPUs) to seconds (CPU).
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+#: Buckets (seconds) of adapter loads (disk → host, host → accelerator slot).
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Buckets (rows) of the decode batch size.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+#: ``adapter`` label value of adapters beyond the first ``top_adapter_labels`` distinct ones.
 OTHER_ADAPTER = "other"
+#: ``adapter`` label value of requests served by the base model alone.
 BASE_ADAPTER = "base"
+#: ``tier`` label values of the adapter cache: accelerator slots (``gpu``; the CPU when that is the device) and
+#: host memory (``cpu``).
+TIERS = ("gpu", "cpu")
+#: ``phase`` label values of :attr:`Metrics.step_latency`.
+PHASES = ("prefill", "decode")
+#: ``component`` label values of :attr:`Metrics.component_bytes`.
+COMPONENTS = ("base_weights", "adapter_banks", "adapter_host_cache", "kv_cache")
+#: ``kind`` label values of :attr:`Metrics.memory_bytes`.
+MEMORY_KINDS = ("allocated", "reserved", "peak", "total")
 
 
 class Metrics:
     """The server's metrics on their own :class:`CollectorRegistry` (no process-global state, so tests can
-    build several servers in one process).
+    build several servers in one process). The registry also carries ``prometheus_client``'s process collector
+    (``process_resident_memory_bytes``, ``process_cpu_seconds_total``, …) and platform collector
+    (``python_info``).
 
     Label ``adapter`` is bounded: :meth:`adapter_label` maps the first ``top_adapter_labels`` distinct adapter
-    ids seen to themselves and every later one to ``"other"``; the base model is ``"base"``.
+    ids that receive a request to themselves and every later one to ``"other"``; the base model is ``"base"``.
+    Labels are sticky (an adapter never changes label value), so at most ``top_adapter_labels + 2`` values exist.
+    ``top_adapter_labels=0`` turns per-adapter labels off (every adapter is ``"other"``).
+
+    Label values that are known up front (cache tiers, step phases, memory components) are created at zero, so
+    rates and ratios over them exist before the first event.
     """
 
     def __init__(self, top_adapter_labels: int = 10) -> None:
@@ -29,38 +54,43 @@ class Metrics:
         self._top = top_adapter_labels
         self._labels: set[str] = set()
         self._lock = threading.Lock()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.build_info = Info("qlora_server_build", "Versions, base model and quantization settings.", registry=r)
         # Requests
         self.requests = Counter("qlora_server_requests_total", "Finished RPCs by method and gRPC status code.",
                                 ["method", "code"], registry=r)
         self.request_latency = Histogram("qlora_server_request_latency_seconds",
-                                         "End-to-end generation latency (arrival to last token).", ["adapter"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("qlora_server_time_to_first_token_seconds", "Arrival to first generated token.",
-                              ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+                                         "End-to-end latency of a finished generation: arrival to last token.",
+                                         ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("qlora_server_time_to_first_token_seconds",
+                              "Arrival to first generated token, per finished generation.", ["adapter"],
+                              buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("qlora_server_time_per_output_token_seconds",
-                              "Mean time per output token after the first, per request.", ["adapter"],
-                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+                              "Mean time per output token after the first, per finished generation of 2+ tokens.",
+                              ["adapter"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("qlora_server_queue_wait_seconds", "Arrival to start of prefill.",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("qlora_server_prompt_tokens_total", "Prompt tokens prefilled.", ["adapter"],
                                      registry=r)
         self.generated_tokens = Counter("qlora_server_generated_tokens_total", "Tokens generated.", ["adapter"],
                                         registry=r)
-        self.finished = Counter("qlora_server_generations_total", "Finished generations by finish reason.",
+        self.finished = Counter("qlora_server_generations_total",
+                                "Finished generations by finish reason (stop, length, eos, error).",
                                 ["adapter", "finish_reason"], registry=r)
         # Scheduler
         self.running = Gauge("qlora_server_running_requests", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("qlora_server_waiting_requests", "Requests queued for a batch row.", registry=r)
-        self.batch_size = Histogram("qlora_server_batch_size", "Rows per decode step.",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_size = Histogram("qlora_server_batch_size", "Rows per decode step.", buckets=BATCH_BUCKETS,
+                                    registry=r)
         self.step_latency = Histogram("qlora_server_step_seconds", "Duration of one engine step by phase.",
                                       ["phase"], buckets=TOKEN_LATENCY_BUCKETS + (5.0, 10.0), registry=r)
         # Adapter cache
         self.adapter_cache_hits = Counter("qlora_server_adapter_cache_hits_total",
                                           "Adapter lookups served from a tier.", ["tier"], registry=r)
         self.adapter_cache_misses = Counter("qlora_server_adapter_cache_misses_total",
-                                            "Adapter lookups that missed a tier.", ["tier"], registry=r)
+                                            "Adapter lookups that missed a tier (counted once per lookup).",
+                                            ["tier"], registry=r)
         self.adapter_loads = Counter("qlora_server_adapter_loads_total", "Adapters loaded into a tier.", ["tier"],
                                      registry=r)
         self.adapter_evictions = Counter("qlora_server_adapter_evictions_total", "Adapters evicted from a tier.",
@@ -74,13 +104,13 @@ class Metrics:
         self.adapter_slot_capacity = Gauge("qlora_server_adapter_slots", "Accelerator adapter slots.", registry=r)
         # Memory
         self.memory_bytes = Gauge("qlora_server_accelerator_memory_bytes",
-                                  "Accelerator memory by kind (allocated, reserved, peak, total).",
+                                  "Accelerator memory by device and kind (allocated, reserved, peak, total); "
+                                  "device cpu when the model runs on the CPU.",
                                   ["device", "kind"], registry=r)
         self.component_bytes = Gauge("qlora_server_component_memory_bytes",
-                                     "Bytes held by base-model weights, adapter banks and the KV cache.",
+                                     "Bytes held by base-model weights, adapter banks (accelerator slots), the "
+                                     "host adapter cache and the KV cache.",
                                      ["component"], registry=r)
-        self.process_rss = Gauge("qlora_server_process_resident_memory_bytes", "Resident set size of the server.",
-                                 registry=r)
         # Training
         self.training_jobs = Gauge("qlora_server_training_jobs", "Training jobs by state.", ["state"], registry=r)
         self.training_step = Gauge("qlora_server_training_step", "Current step of the running training job.",
@@ -88,7 +118,16 @@ class Metrics:
         self.training_loss = Gauge("qlora_server_training_loss", "Latest training loss of the running job.",
                                    registry=r)
         self.training_tokens_per_second = Gauge("qlora_server_training_tokens_per_second",
-                                                "Training throughput of the running job.", registry=r)
+                                                "Training throughput of the running job (tokens per second).",
+                                                registry=r)
+        for tier in TIERS:
+            for family in (self.adapter_cache_hits, self.adapter_cache_misses, self.adapter_loads,
+                           self.adapter_evictions, self.adapter_load_latency, self.adapters_resident):
+                family.labels(tier)
+        for phase in PHASES:
+            self.step_latency.labels(phase)
+        for component in COMPONENTS:
+            self.component_bytes.labels(component)
 
     def adapter_label(self, adapter_id: str) -> str:
         """Bounded label value for ``adapter_id`` (see class docstring)."""
@@ -102,17 +141,33 @@ class Metrics:
                 return adapter_id
         return OTHER_ADAPTER
 
-    def sample_memory(self) -> None:
-        """Refresh memory gauges: every CUDA device's allocated / reserved / peak / total bytes (PyTorch's
-        caching allocator), and this process's RSS."""
-        import psutil
+    def sample_memory(self, device: str = "cuda") -> None:
+        """Refresh :attr:`memory_bytes` for the device type the model runs on (``device``: ``"cuda"``,
+        ``"cuda:N"`` or ``"cpu"``; a ``torch.device`` works too).
+
+        On CUDA: every visible device's allocated / reserved / peak-allocated bytes (PyTorch's caching allocator)
+        and total bytes. On the CPU (the "accelerator" of a CPU-only server): ``device="cpu"`` with allocated =
+        reserved = this process's resident set size, peak = its peak resident set size, total = the machine's
+        physical memory (bytes)."""
         import torch
 
-        self.process_rss.set(psutil.Process(os.getpid()).memory_info().rss)
-        if torch.cuda.is_available():
+        if str(device).startswith("cuda"):
+            if not torch.cuda.is_available():
+                return
             for i in range(torch.cuda.device_count()):
                 dev = f"cuda:{i}"
                 self.memory_bytes.labels(dev, "allocated").set(torch.cuda.memory_allocated(i))
                 self.memory_bytes.labels(dev, "reserved").set(torch.cuda.memory_reserved(i))
                 self.memory_bytes.labels(dev, "peak").set(torch.cuda.max_memory_allocated(i))
                 self.memory_bytes.labels(dev, "total").set(torch.cuda.get_device_properties(i).total_memory)
+            return
+        import resource
+
+        import psutil
+
+        rss = psutil.Process(os.getpid()).memory_info().rss
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        self.memory_bytes.labels("cpu", "allocated").set(rss)
+        self.memory_bytes.labels("cpu", "reserved").set(rss)
+        self.memory_bytes.labels("cpu", "peak").set(max(peak, rss))
+        self.memory_bytes.labels("cpu", "total").set(psutil.virtual_memory().total)
