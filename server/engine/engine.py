@@ -33,6 +33,7 @@ from server.engine.types import (
     Timings,
 )
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServerError
+from server.logs import RequestLog
 from server.metrics import Metrics
 from server.model.lora import LoraRouter
 
@@ -104,16 +105,18 @@ class Engine:
         config: limits (batch size, queue, tokens).
         metrics: where latency / token / batch metrics go.
         max_total_tokens: prompt + generated tokens allowed per row (the model's context length).
+        request_log: writes one log line per finished request (default: without prompt text).
     """
 
     def __init__(self, model, tokenizer, router: LoraRouter, adapter_cache, config: EngineConfig,
-                 metrics: Metrics, max_total_tokens: int) -> None:
+                 metrics: Metrics, max_total_tokens: int, request_log: RequestLog | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.router = router
         self.cache = adapter_cache
         self.config = config
         self.metrics = metrics
+        self.request_log = request_log or RequestLog()
         self.max_total_tokens = config.max_total_tokens or max_total_tokens
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._lock = threading.Condition()
@@ -399,6 +402,12 @@ class Engine:
             self.cache.release(seq.slot)
         if error is not None:
             self.metrics.finished.labels(seq.label, "error").inc()
+            self.request_log.finished(
+                seq.request, seq.stream.request_id, status=error.code, finish_reason=None,
+                prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated),
+                queue_seconds=max(0.0, (seq.prefill_start or now) - seq.arrival),
+                ttft_seconds=(seq.first_token - seq.arrival) if seq.first_token else None, tpot_seconds=None,
+                total_seconds=now - seq.arrival, error=str(error))
             seq.stream._events.put(GenerationEvent(seq.stream.request_id, finished=True, error=error))
             return
         n = len(seq.generated)
@@ -411,6 +420,10 @@ class Engine:
         if n > 1:
             self.metrics.tpot.labels(seq.label).observe(tpot)
         self.metrics.finished.labels(seq.label, reason).inc()
+        self.request_log.finished(seq.request, seq.stream.request_id, status="OK", finish_reason=reason,
+                                  prompt_tokens=len(seq.prompt_ids), completion_tokens=n,
+                                  queue_seconds=timings.queue_seconds, ttft_seconds=ttft,
+                                  tpot_seconds=tpot if n > 1 else None, total_seconds=timings.total_seconds)
         seq.stream._events.put(GenerationEvent(seq.stream.request_id, finished=True, finish_reason=reason,
                                                token_ids=tuple(seq.generated[seq.emitted_tokens:]),
                                                prompt_tokens=len(seq.prompt_ids), completion_tokens=n,
