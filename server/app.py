@@ -15,6 +15,7 @@ from server.adapters.store import AdapterStore
 from server.adapters.types import BaseModelSpec
 from server.config import ServerConfig
 from server.engine.engine import Engine
+from server.logs import RequestLog
 from server.metrics import Metrics
 from server.model.base import BaseModelInfo, load_base_model
 from server.model.lora import attach_router
@@ -60,7 +61,8 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     spec = BaseModelSpec.from_model(model, base_info.name, engine_cfg.max_lora_rank)
     store = AdapterStore(config.adapters_dir, spec)
     cache = AdapterCache(store, router, engine_cfg.cpu_adapter_cache, metrics)
-    engine = Engine(model, tokenizer, router, cache, engine_cfg, metrics, base_info.max_positions)
+    engine = Engine(model, tokenizer, router, cache, engine_cfg, metrics, base_info.max_positions,
+                    request_log=RequestLog(config.log_prompts))
     metrics.build_info.info({
         "version": __version__,
         "model": base_info.name,
@@ -82,14 +84,15 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
     engine.start()
     stop = threading.Event()
-    threading.Thread(target=_sample_memory, args=(metrics, stop), name="memory-sampler", daemon=True).start()
+    threading.Thread(target=_sample_memory, args=(metrics, stop, str(base_info.device)), name="memory-sampler",
+                     daemon=True).start()
     return App(config, model, tokenizer, base_info, engine, store, cache, metrics, stop)
 
 
-def _sample_memory(metrics: Metrics, stop: threading.Event, period_s: float = 1.0) -> None:
+def _sample_memory(metrics: Metrics, stop: threading.Event, device: str, period_s: float = 1.0) -> None:
     while not stop.is_set():
         try:
-            metrics.sample_memory()
+            metrics.sample_memory(device)
         except Exception:  # noqa: BLE001 - a metrics hiccup must not end the sampler
             log.exception("memory sampling failed")
         stop.wait(period_s)
