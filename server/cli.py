@@ -52,6 +52,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE,
                    help=f"seconds in-flight RPCs get at shutdown (default {DEFAULT_SHUTDOWN_GRACE:g})")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain text")
+    p.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs (off by default)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -152,7 +153,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if "adapter_slots" in engine_kw and "cpu_adapter_cache" not in engine_kw:
         engine_kw["cpu_adapter_cache"] = max(EngineConfig.cpu_adapter_cache, engine_kw["adapter_slots"])
     server_kw = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
-                 "adapters_dir": args.adapters_dir, "log_json": args.log_json}
+                 "adapters_dir": args.adapters_dir, "log_json": args.log_json,
+                 "log_prompts": args.log_prompts}
     for name in ("state_dir", "grpc_workers", "max_upload_bytes"):
         if getattr(args, name) is not None:
             server_kw[name] = getattr(args, name)
@@ -258,22 +260,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 6), "level": record.levelname, "logger": record.name,
-                 "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def _configure_logging(log_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if log_json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    from server.logs import configure_logging
+
+    configure_logging(json_lines=log_json)
 
 
 # --- clients -------------------------------------------------------------------------------------------------------
