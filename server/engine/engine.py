@@ -85,7 +85,6 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     slot: int = -1
     generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None
     emitted_chars: int = 0
     emitted_tokens: int = 0
     prefill_start: float = 0.0
@@ -317,11 +316,10 @@ class Engine:
             seq.prefill_start = start
             self.metrics.queue_wait.observe(start - seq.arrival)
             seq.generator = make_generator(seq.request.params, self.model.device)
-            seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.model.device)
             self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))
         self.router.set_rows([s.slot for s in seqs])
         state, logits = kv.prefill(self.model, [s.prompt_ids for s in seqs])
-        tokens = select_tokens(logits, [s.request.params for s in seqs], [s.seen for s in seqs],
+        tokens = select_tokens(logits, [s.request.params for s in seqs], [s.prompt_ids + s.generated for s in seqs],
                                [s.generator for s in seqs])
         self.metrics.step_latency.labels("prefill").observe(time.monotonic() - start)
         self._state = kv.concatenate(self._state, state)
@@ -336,7 +334,7 @@ class Engine:
         rows = self._running
         self.router.set_rows([s.slot for s in rows])
         logits = kv.decode(self.model, self._state, self._next_ids)
-        tokens = select_tokens(logits, [s.request.params for s in rows], [s.seen for s in rows],
+        tokens = select_tokens(logits, [s.request.params for s in rows], [s.prompt_ids + s.generated for s in rows],
                                [s.generator for s in rows])
         self.metrics.step_latency.labels("decode").observe(time.monotonic() - start)
         self.metrics.batch_size.observe(len(rows))
@@ -355,7 +353,6 @@ class Engine:
             self._end(seq, reason=FINISH_EOS)
             return
         seq.generated.append(token)
-        seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
         self.metrics.generated_tokens.labels(seq.label).inc()
         if self._emit_text(seq, final=False):
             self._end(seq, reason=FINISH_STOP)

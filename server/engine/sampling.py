@@ -25,15 +25,15 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def select_tokens(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor],
+def select_tokens(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
                   generators: list[torch.Generator | None]) -> list[int]:
     """Pick one next token per row.
 
     Args:
         logits: ``[B, V]`` next-token logits (any float dtype; processed in float32).
         params: B sampling settings.
-        seen: B 1-D int64 tensors of the row's prompt + generated ids, on ``logits.device`` (for the
-            repetition penalty).
+        seen: B lists of the row's prompt + generated ids (for the repetition penalty; only rows that use
+            it are copied to the device).
         generators: B generators from :func:`make_generator`.
 
     Returns:
@@ -46,7 +46,7 @@ def select_tokens(logits: torch.Tensor, params: list[SamplingParams], seen: list
     out: list[int] = []
     for b, p in enumerate(params):
         row = scores[b:b + 1]
-        ids = seen[b][None]
+        ids = torch.tensor([seen[b]], dtype=torch.long, device=row.device) if p.repetition_penalty != 1.0 else None
         if p.repetition_penalty != 1.0:
             row = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, row)
         if p.temperature == 0:

@@ -102,6 +102,7 @@ class LoraRouter:
         # Preallocated so a captured graph can read a fixed buffer; a step writes it with one copy.
         self._onehot = torch.zeros(max_batch_size, slots, dtype=dtype, device=device)
         self.row_onehot = self._onehot[:0]
+        self._last_rows: tuple[int, ...] | None = None
 
     def set_rows(self, row_slots: list[int]) -> None:
         """Route the next forward passes: row b uses slot ``row_slots[b]`` (``-1`` = base model only).
@@ -110,10 +111,14 @@ class LoraRouter:
             ValueError: more rows than the preallocated batch or a slot out of range.
         """
         n = len(row_slots)
+        key = tuple(row_slots)
+        if key == self._last_rows:
+            return  # same routing as the previous step: skip the host-to-device copy
         if n > self._onehot.shape[0]:
             raise ValueError(f"batch of {n} rows exceeds max_batch_size {self._onehot.shape[0]}")
         if any(s >= self.slots or s < -1 for s in row_slots):
             raise ValueError(f"slot out of range in {row_slots}")
+        self._last_rows = key
         self.active = any(s >= 0 for s in row_slots)
         if not self.active:
             self.row_onehot = self._onehot[:n]
