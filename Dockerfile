@@ -3,7 +3,8 @@
 # Run: docker run --gpus all -p 50051:50051 -p 9400:9400 -v qlora-data:/data qlora-server  (or: docker compose up)
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
-# torch wheel spec handed to scripts/setup.sh; PyPI's Linux x86_64 wheel of this version is a CUDA build.
+# torch wheel spec handed to scripts/setup.sh; PyPI's Linux x86_64 wheel of this version is a CUDA build that
+# brings its own CUDA libraries (pip's nvidia-* packages), so the host driver must support that CUDA version.
 ARG TORCH_SPEC="torch==2.11.0"
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \

@@ -39,6 +39,7 @@ class Stack:
     promtool: str
     training_served: bool
     traffic: dict
+    training_error: Exception | None = None
 
 
 def _generate(client: Client, adapter: str = "", prompt: str = "hello there", **params):
@@ -121,10 +122,14 @@ def stack(tmp_path_factory) -> Stack:
                 _traffic_round(client, traffic)
                 prometheus.wait_scraped_after(time.time(), scrapes=2)
         training_served = _training_served(server.target)
+        training_error = None
         if training_served:
-            _run_training_job(server.target, root)
+            try:
+                _run_training_job(server.target, root)
+            except Exception as exc:  # noqa: BLE001 - reported by the training test only
+                training_error = exc
         prometheus.wait_scraped_after(time.time(), scrapes=3)
-        yield Stack(server, prometheus, promtool, training_served, traffic)
+        yield Stack(server, prometheus, promtool, training_served, traffic, training_error)
     finally:
         if prometheus is not None:
             prometheus.stop()
@@ -167,6 +172,7 @@ def test_every_training_panel_returns_data(stack):
             stack.prometheus.query(substitute(expr))  # the queries are valid PromQL all the same
         pytest.xfail(f"{TRAINING_SERVICE} is not served by `qlora-server serve` yet, so no training job can run "
                      "and qlora_server_training_* have no data")
+    assert stack.training_error is None, f"the training job failed: {stack.training_error!r}"
     assert _check_panels(stack, "training") == []
 
 
