@@ -158,6 +158,7 @@ class _Monitor:
         self.tokens = 0
         self.lr = 0.0
         self.eval_loss: float | None = None
+        self.eval_step = -1
         self.zero_streak = 0
         self.stopped = False
         self.t0 = time.monotonic()
@@ -217,6 +218,7 @@ def _make_callback(monitor: _Monitor):
                 if not math.isfinite(value):
                     raise TrainingDiverged(f"eval loss is {value} at step {state.global_step}", field="learning_rate")
                 monitor.eval_loss = value
+                monitor.eval_step = int(state.global_step)
                 monitor.emit("eval", state, monitor.history[-1] if monitor.history else None)
 
     return _MonitorCallback()
@@ -396,7 +398,6 @@ class TrainingSession:
             data_seed=cfg.seed,
             bf16=False,  # no autocast: base in compute_dtype, LoRA in float32, exactly like the server's forward
             fp16=False,
-            gradient_checkpointing=False,  # done by prepare_for_qlora_training (non-reentrant)
             use_cpu=use_cpu,
             dataloader_num_workers=0,
             remove_unused_columns=False,
@@ -479,10 +480,9 @@ class TrainingSession:
 
         eval_loss = None
         if eval_ex:
-            eval_loss = float(trainer.evaluate()["eval_loss"])
-            if not math.isfinite(eval_loss):
-                raise TrainingDiverged(f"final eval loss is {eval_loss}", field="learning_rate")
-            monitor.eval_loss = eval_loss
+            if monitor.eval_step != trainer.state.global_step:
+                trainer.evaluate()  # the callback checks the value and records it
+            eval_loss = monitor.eval_loss
         model.eval()
         train_loss = monitor.history[-1]
         steps = int(trainer.state.global_step)

@@ -1,8 +1,8 @@
 """Generates the demo skill data set: pull name, age, job and city out of one English sentence into JSON.
 
 SmolLM2-135M-Instruct answers these with chatty text or JSON with the wrong keys/values; a LoRA adapter learns
-the format and the extraction in a few minutes of CPU training. ``checker.py`` scores a reply by exact match of
-the parsed JSON object.
+the format and the extraction in a few minutes of CPU training. ``evaluate.py`` scores a model's greedy replies
+by exact match of the parsed JSON object.
 
 Run ``python examples/extraction/make_data.py`` (deterministic; ``--seed`` changes it) to rewrite
 ``train.jsonl`` (chat ``messages`` records) and ``heldout.jsonl`` next to this file.

@@ -1,0 +1,290 @@
+"""End-to-end tests of trainer.train on a tiny random NF4 Llama: learning, guards, resume, output, PEFT round trips."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from conftest import learnable_rows, loss_fell, tiny_config, write_jsonl
+from server.errors import AlreadyExists, Cancelled, FailedPrecondition
+from trainer.adapter import inspect_adapter
+from trainer.data import DataError
+from trainer.train import TrainingDiverged, TrainingSession, disable_cpu_weight_repacking, train
+
+
+def _adapter_tensors(adapter_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def _run_learn_check(cfg) -> bool:
+    """Train and apply the does-it-learn check; a diverged run counts as not learning."""
+    try:
+        result = train(cfg)
+    except TrainingDiverged:
+        return False
+    return loss_fell(result.loss_history)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Does it learn (and is a broken recipe caught by the same check)?
+
+
+def test_recipe_loss_falls_on_learnable_task(tiny_model_dir, learnable_data, tmp_path):
+    events = []
+    result = train(tiny_config(tiny_model_dir, learnable_data, tmp_path / "run"), on_progress=events.append)
+    assert loss_fell(result.loss_history), result.loss_history
+    assert result.steps == 30 and len(result.loss_history) == 30
+    assert result.eval_loss is not None and result.eval_loss < 0.6 * result.loss_history[0]
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 31))
+    for e in steps:
+        assert set(e) >= {"step", "total_steps", "loss", "eval_loss", "tokens_per_second", "learning_rate"}
+        assert e["total_steps"] == 30 and e["tokens_per_second"] > 0 and e["learning_rate"] == pytest.approx(1e-2)
+    assert any(e["event"] == "eval" and e["eval_loss"] == result.eval_loss for e in events)
+    assert events[-1]["event"] == "done"
+
+
+@pytest.mark.parametrize("broken", [{"learning_rate": 0.0}, {"learning_rate": 50.0, "max_grad_norm": 1e9}])
+def test_learn_check_catches_broken_recipe(tiny_model_dir, learnable_data, tmp_path, broken):
+    assert not _run_learn_check(tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", **broken))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guards
+
+
+def test_nan_loss_stops_with_clear_error_and_no_adapter(tiny_model_dir, learnable_data, tmp_path, monkeypatch):
+    original = transformers.Trainer.compute_loss
+
+    def poisoned(self, model, inputs, return_outputs=False, **kwargs):
+        out = original(self, model, inputs, return_outputs=return_outputs, **kwargs)
+        if return_outputs or self.state.global_step < 3:
+            return out
+        return out * float("nan")
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", poisoned)
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=10)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4"):
+        train(cfg)
+    assert not cfg.adapter_dir.exists()
+
+
+def test_loss_stuck_at_zero_stops(tiny_model_dir, learnable_data, tmp_path, monkeypatch):
+    original = transformers.Trainer.compute_loss
+
+    def zeroed(self, model, inputs, return_outputs=False, **kwargs):
+        out = original(self, model, inputs, return_outputs=return_outputs, **kwargs)
+        return out if return_outputs else out * 0.0  # training loss exactly 0 (eval untouched)
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", zeroed)
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=10, zero_loss_patience=3)
+    with pytest.raises(TrainingDiverged, match="exactly 0 for 3 steps"):
+        train(cfg)
+    assert not cfg.adapter_dir.exists()
+
+
+def test_huge_learning_rate_is_caught(tiny_model_dir, learnable_data, tmp_path):
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", learning_rate=1e30, max_grad_norm=1e30,
+                      max_steps=20)
+    with pytest.raises(TrainingDiverged, match="loss is (nan|inf)"):
+        train(cfg)
+
+
+def test_bad_data_fails_before_the_model_is_loaded(tiny_model_dir, tmp_path, monkeypatch):
+    import server.model.base
+
+    def no_load(*a, **k):
+        raise AssertionError("model loaded before the data was validated")
+
+    monkeypatch.setattr(server.model.base, "load_base_model", no_load)
+    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(20)[:10] + ["{oops"] + learnable_rows(5))
+    with pytest.raises(DataError) as err:
+        train(tiny_config(tiny_model_dir, data, tmp_path / "run"))
+    assert err.value.errors[0][0] == 11
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, learnable_data, tmp_path):
+    common = dict(max_steps=12, save_steps=4, lora_dropout=0.1, gradient_accumulation_steps=2, batch_size=4,
+                  eval_steps=6)
+    ref = train(tiny_config(tiny_model_dir, learnable_data, tmp_path / "ref", **common))
+
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "crash", **common)
+
+    def crash_at_10(ev):
+        if ev["event"] == "step" and ev["step"] == 10:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, on_progress=crash_at_10)
+    assert not cfg.adapter_dir.exists()
+    with pytest.raises(AlreadyExists):  # checkpoints exist: a fresh start would silently throw them away
+        train(cfg)
+    resumed = train(cfg, resume=True)
+    assert resumed.resumed_from_step == 8 and resumed.steps == 12 and len(resumed.loss_history) == 4
+
+    assert resumed.loss_history == pytest.approx(ref.loss_history[8:], rel=1e-6, abs=1e-7)
+    assert resumed.train_loss == pytest.approx(ref.train_loss, rel=1e-6)
+    assert resumed.eval_loss == pytest.approx(ref.eval_loss, rel=1e-6)
+    a, b = _adapter_tensors(ref.adapter_dir), _adapter_tensors(resumed.adapter_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert any((a[k] != 0).any() for k in a if "lora_B" in k)  # it trained
+
+
+def test_stop_request_checkpoints_and_resume_finishes(tiny_model_dir, learnable_data, tmp_path):
+    ref = train(tiny_config(tiny_model_dir, learnable_data, tmp_path / "ref", max_steps=8, save_steps=100))
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "stop", max_steps=8, save_steps=100)
+    seen = []
+    with pytest.raises(Cancelled, match="step 5"):
+        train(cfg, on_progress=seen.append, should_stop=lambda: len(seen) >= 5)
+    assert (cfg.checkpoint_dir / "checkpoint-5" / "optimizer.pt").is_file()
+    resumed = train(cfg, resume=True)
+    assert resumed.steps == 8 and resumed.resumed_from_step == 5
+    a, b = _adapter_tensors(ref.adapter_dir), _adapter_tensors(resumed.adapter_dir)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_resume_refuses_changed_settings_or_data(tiny_model_dir, learnable_data, tmp_path):
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=4, save_steps=2)
+    with pytest.raises(Cancelled):
+        train(cfg, should_stop=lambda: True)
+    with pytest.raises(FailedPrecondition) as err:
+        train(cfg.replace(learning_rate=5e-3), resume=True)
+    assert err.value.field == "learning_rate"
+    write_jsonl(learnable_data, learnable_rows(128, seed=1))
+    with pytest.raises(FailedPrecondition) as err:
+        train(cfg, resume=True)
+    assert err.value.field == "dataset"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output: atomic PEFT adapter directory, model card, round trips
+
+
+def test_output_is_a_peft_adapter_with_same_logits_as_in_memory_model(tiny_model_dir, learnable_data, tmp_path):
+    from peft import PeftModel
+
+    from server.config import ModelConfig
+    from server.model.base import load_base_model
+
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=6, use_rslora=True,
+                      target_modules=("q_proj", "v_proj", "down_proj"))
+    session = TrainingSession(cfg)
+    result = session.run()
+    assert sorted(p.name for p in result.adapter_dir.iterdir()) == \
+        ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert not list(cfg.output_dir.glob(".adapter.tmp-*"))
+    card = (result.adapter_dir / "README.md").read_text()
+    assert result.data_sha256 in card and f"{result.train_loss:.4f}" in card and "use_rslora" in card
+
+    summary = inspect_adapter(result.adapter_dir)
+    assert (summary.r, summary.lora_alpha, summary.use_rslora) == (8, 16.0, True)
+    assert summary.scaling == pytest.approx(16 / math.sqrt(8))
+    assert summary.target_modules == ("down_proj", "q_proj", "v_proj")
+    assert summary.base_model == str(tiny_model_dir)
+
+    ids = torch.tensor([[1, 33, 31, 17, 30, 98, 40, 41, 42, 2]])
+    with torch.no_grad():
+        mine = session.model(input_ids=ids).logits
+    base, _, _ = load_base_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+    disable_cpu_weight_repacking(base)  # same matmul path as training (see trainer/NOTES.md)
+    loaded = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
+    with torch.no_grad():
+        theirs = loaded(input_ids=ids).logits
+    torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+    with torch.no_grad(), loaded.disable_adapter():
+        assert not torch.equal(loaded(input_ids=ids).logits, mine)  # the adapter does something
+
+
+def test_plain_peft_adapter_is_inspectable_and_trainable_from(tiny_model_dir, learnable_data, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    plain_dir = tmp_path / "plain"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(plain_dir)
+
+    summary = inspect_adapter(plain_dir)
+    assert (summary.r, summary.lora_alpha, summary.target_modules) == (4, 8.0, ("o_proj", "q_proj"))
+    assert summary.num_parameters == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+
+    # lr 0: the trainer starts from exactly these weights and writes them back unchanged
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=2, learning_rate=0.0,
+                      init_adapter=plain_dir)
+    result = train(cfg)
+    a, b = _adapter_tensors(plain_dir), _adapter_tensors(result.adapter_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert inspect_adapter(result.adapter_dir).r == 4
+
+
+def test_failed_write_leaves_no_adapter(tiny_model_dir, learnable_data, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    def broken_save(self, save_directory, **kwargs):
+        (Path(save_directory) / "adapter_config.json").write_text("{}")  # half written, then the disk fills
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", broken_save)
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=2)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg)
+    assert not cfg.adapter_dir.exists()
+    assert not [p for p in cfg.output_dir.iterdir() if p.name.startswith(".adapter")]
+
+
+def test_finished_run_is_not_overwritten(tiny_model_dir, learnable_data, tmp_path):
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=2)
+    train(cfg)
+    with pytest.raises(AlreadyExists):
+        train(cfg, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bitsandbytes CPU repacking hazard (why disable_cpu_weight_repacking exists)
+
+
+def test_eval_pass_does_not_cut_gradients_through_base_layers(tiny_model_dir):
+    """After a no-grad eval pass, training must still backpropagate through every Linear4bit."""
+    import bitsandbytes as bnb
+
+    from server.config import ModelConfig
+    from server.model.base import load_base_model
+    from trainer.train import prepare_for_qlora_training
+
+    model, _, _ = load_base_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+    prepare_for_qlora_training(model, gradient_checkpointing=False)
+    ids = torch.tensor([[1, 20, 21, 22, 23, 2]])
+
+    def input_grad():
+        model.train()
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=emb).logits.float().square().sum().backward()
+        return emb.grad
+
+    before = input_grad()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    torch.testing.assert_close(input_grad(), before, rtol=0, atol=0)
