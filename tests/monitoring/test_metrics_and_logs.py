@@ -83,7 +83,7 @@ def test_json_formatter_merges_fields_without_overwriting_base_keys():
 
 def test_configure_logging_switches_format_and_replaces_handlers():
     root = logging.getLogger()
-    saved = root.handlers[:], root.level
+    saved_handlers, saved_level = root.handlers[:], root.level
     try:
         out = io.StringIO()
         configure_logging(json_lines=True, stream=out)
@@ -95,8 +95,8 @@ def test_configure_logging_switches_format_and_replaces_handlers():
         assert json.loads(first)["msg"] == "one"
         assert second.endswith("WARNING t: two")
     finally:
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
 
 
 # --- the engine's request log and the adapter cache's counters, on a tiny NF4 model ---------------------------
