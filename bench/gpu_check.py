@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -46,8 +44,11 @@ def make_base(config_dir: Path, out: Path, layers: int | None) -> Path:
     if layers:
         config.num_hidden_layers = layers
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    # Initialise on the accelerator when there is one: an 8B model's random init takes minutes on the CPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
+    del model
     for f in config_dir.iterdir():
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens", "generation_config")):
             shutil.copy(f, out / f.name)
@@ -65,7 +66,8 @@ def make_adapters(base: Path, root: Path) -> dict[str, Path]:
         dirs[name] = out
         if (out / "adapter_config.json").exists():
             continue
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map={"": device})
         peft_model = get_peft_model(model, LoraConfig(**kw))
         gen = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
@@ -73,6 +75,7 @@ def make_adapters(base: Path, root: Path) -> dict[str, Path]:
                 if "lora_" in pname:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         peft_model.save_pretrained(out)
+        del model, peft_model
     return dirs
 
 
@@ -138,13 +141,8 @@ def oracle(base: Path, dirs: dict[str, Path], device: str) -> dict:
     return {"oracle_max_abs_err": worst, "oracle_max_rel_err": rel, "smallest_adapter_effect": effect}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_and_query(base: Path, dirs: dict[str, Path], work: Path, device: str, out: Path) -> dict:
+def serve_and_query(base: Path, dirs: dict[str, Path], work: Path, device: str, out: Path,
+                    concurrency: list[int]) -> dict:
     """Start ``qlora-server serve`` as a subprocess, register the adapters, generate with a mixed batch over
     gRPC, and read the metrics endpoint."""
     import grpc
@@ -152,16 +150,12 @@ def serve_and_query(base: Path, dirs: dict[str, Path], work: Path, device: str, 
     from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
     from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pbg
 
-    port, mport = free_port(), free_port()
-    log = open(work / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--model", str(base), "--port", str(port),
-                             "--metrics-port", str(mport), "--adapters-dir", str(work / "store"),
-                             "--device", device, "--host", "127.0.0.1"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+    from bench.serve_bench import run as load_test
+    from tests.e2e.server_process import start_server
+
+    server = start_server(str(base), work / "store", work / "server.log", "--max-lora-rank", "64", device=device)
+    port, mport = server.port, server.metrics_port
     try:
-        line = proc.stdout.readline()
-        if "listening" not in line:
-            raise RuntimeError(f"server did not start: {line!r}; see {work / 'server.log'}")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         adapters = pbg.AdaptersStub(channel)
         gen = pbg.GenerationStub(channel)
@@ -191,13 +185,11 @@ def serve_and_query(base: Path, dirs: dict[str, Path], work: Path, device: str, 
             "distinct_texts_for_prompt0": len({v[0] for (i, _), v in answers.items() if i == 0}),
             "residency": {a.adapter_id: pb.Residency.Name(a.residency) for a in listing.adapters},
             "memory_metrics": memory,
+            "load": [load_test(f"127.0.0.1:{port}", list(dirs), requests=4 * c, concurrency=c, max_new_tokens=64)
+                     for c in concurrency],
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
 def decode_timings(base: Path, dirs: dict[str, Path], device: str, steps: int) -> list[dict]:
@@ -214,6 +206,9 @@ def decode_timings(base: Path, dirs: dict[str, Path], device: str, steps: int) -
         router.load(s, validate_adapter_dir(d, spec))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
+    if device.startswith("cuda"):
+        print(f"resident after load: {torch.cuda.memory_allocated() / 2**30:.2f} GiB "
+              f"(adapter banks {router.bank_bytes() / 2**30:.2f} GiB)", flush=True)
     for bs in (1, 8, 16, 32):
         for mode in ("base", "mixed-adapters"):
             state = None
@@ -244,6 +239,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"))
     p.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0 = keep)")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--no-server", action="store_true")
+    p.add_argument("--concurrency", default="1,8,32", help="load-test concurrency levels against the server")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.work.mkdir(parents=True, exist_ok=True)
@@ -256,10 +254,13 @@ def main() -> None:
     base = make_base(args.config_dir, args.work / "model", args.layers or None)
     dirs = make_adapters(base, args.work / "adapters")
     summary["setup_s"] = round(time.time() - t, 1)
-    summary.update(oracle(base, dirs, device))
+    if not args.no_oracle:
+        summary.update(oracle(base, dirs, device))
     print(json.dumps({k: v for k, v in summary.items()}, indent=1), flush=True)
-    summary["server"] = serve_and_query(base, dirs, args.work, device, args.out)
-    print(json.dumps(summary["server"], indent=1), flush=True)
+    if not args.no_server:
+        levels = [int(c) for c in args.concurrency.split(",") if c]
+        summary["server"] = serve_and_query(base, dirs, args.work, device, args.out, levels)
+        print(json.dumps(summary["server"], indent=1), flush=True)
     summary["decode"] = decode_timings(base, dirs, device, args.steps)
     for row in summary["decode"]:
         print(f"batch {row['batch']:>3} {row['mode']:<15} {row['median_ms']:8.2f} ms/step "

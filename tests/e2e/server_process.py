@@ -50,13 +50,13 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(model: str, adapters_dir: Path, log_path: Path, *extra: str, timeout_s: float = 600) -> ServerProcess:
+def start_server(model: str, adapters_dir: Path, log_path: Path, *extra: str, device: str = "cpu") -> ServerProcess:
     """Run ``python -m server serve`` on ports 0 (free ones) and wait for its ready line.
 
     Raises:
         RuntimeError: the server exited or printed no ready line (the log's tail is in the message).
     """
-    cmd = [sys.executable, "-m", "server", "serve", "--model", model, "--device", "cpu", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "server", "serve", "--model", model, "--device", device, "--host", "127.0.0.1",
            "--port", "0", "--metrics-port", "0", "--adapters-dir", str(adapters_dir), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "w")
