@@ -82,9 +82,11 @@ class Server:
 
 def start_server(model_dir: Path, adapters_dir: Path, log_path: Path, *extra: str,
                  timeout_s: float = 120.0) -> Server:
-    """Start the server on free ports (``--port 0 --metrics-port 0``) on the CPU and wait for its announce line."""
+    """Start the server on free ports (``--port 0 --metrics-port 0``) on the CPU, with its training state next to
+    ``log_path`` (never in the repository), and wait for its announce line. ``extra`` flags come last and win."""
     cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--device", "cpu", "--port", "0",
-           "--metrics-port", "0", "--adapters-dir", str(adapters_dir), "--host", "127.0.0.1", *extra]
+           "--metrics-port", "0", "--adapters-dir", str(adapters_dir), "--host", "127.0.0.1",
+           "--state-dir", str(log_path.parent / "state"), *extra]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
     log.close()

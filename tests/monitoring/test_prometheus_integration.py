@@ -71,7 +71,7 @@ def _run_training_job(target: str, workdir: Path) -> None:
         stub = pb_grpc.TrainingStub(channel)
         job = stub.CreateTrainingJob(pb.CreateTrainingJobRequest(
             adapter_id="trained", dataset_path=str(data),
-            config=pb.TrainingConfig(r=4, max_steps=3, batch_size=2, max_seq_length=32, seed=0)), timeout=30)
+            config=pb.TrainingConfig(r=4, max_steps=3, batch_size=2, max_seq_length=64, seed=0)), timeout=30)
         final = None
         for event in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job.job_id), timeout=90):
             final = event.job
