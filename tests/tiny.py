@@ -42,11 +42,11 @@ def load_nf4(base_dir: Path):
 
 
 def make_adapter(base_dir: Path, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                 safe_serialization: bool = True, **lora_kwargs) -> Path:
+                 safe_serialization: bool = True, std: float = 0.1, **lora_kwargs) -> Path:
     """Save a PEFT LoRA adapter for ``base_dir`` to ``out_dir`` with every LoRA parameter random (seeded).
 
     PEFT initialises ``lora_B`` to zero, which would make an adapter a no-op; here A and B (and any other LoRA
-    parameter, e.g. a DoRA magnitude) are drawn from N(0, 0.1²) with ``torch.Generator().manual_seed(seed)`` and
+    parameter, e.g. a DoRA magnitude) are drawn from N(0, std²) with ``torch.Generator().manual_seed(seed)`` and
     cast to ``dtype``. ``lora_kwargs`` go to ``peft.LoraConfig`` (default ``r=4, lora_alpha=8,
     target_modules=["q_proj", "v_proj"]``). Returns ``out_dir``.
     """
@@ -60,7 +60,7 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int = 0, dtype: torch.dtyp
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
                 p.data = p.data.to(dtype)
     peft_model.save_pretrained(out_dir, safe_serialization=safe_serialization)
     return Path(out_dir)
