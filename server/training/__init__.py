@@ -1,0 +1,1 @@
+"""Training jobs run beside the server: a SQLite job store, a one-at-a-time manager and its worker process."""

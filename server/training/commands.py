@@ -1,0 +1,314 @@
+"""The ``train`` (local QLoRA run, optional registration) and ``jobs`` (Training-service client) CLI commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from server.errors import Cancelled, InvalidArgument, ServerError
+
+#: Flags of ``jobs create``, one per ``TrainingConfig`` field: (field, argparse type, help). ``target_modules``
+#: takes a comma-separated list; ``use_rslora`` is ``--use-rslora`` / ``--no-use-rslora``.
+CONFIG_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("r", int, "LoRA rank"),
+    ("lora_alpha", float, "LoRA alpha"),
+    ("lora_dropout", float, "dropout on the LoRA input, in [0, 1)"),
+    ("target_modules", str, "comma-separated module names (default: every linear layer of the blocks)"),
+    ("use_rslora", bool, "rank-stabilized scaling alpha / sqrt(r)"),
+    ("learning_rate", float, "peak learning rate"),
+    ("max_steps", int, "optimizer steps (overrides --num-epochs)"),
+    ("num_epochs", float, "passes over the dataset"),
+    ("batch_size", int, "examples per device batch"),
+    ("gradient_accumulation_steps", int, "batches per optimizer step"),
+    ("max_seq_length", int, "longest example (tokens)"),
+    ("optim", str, "paged_adamw_8bit or paged_adamw_32bit"),
+    ("seed", int, "random seed"),
+    ("eval_fraction", float, "share of the dataset held out for evaluation, in [0, 1)"),
+    ("warmup_ratio", float, "share of the steps spent warming up, in [0, 1)"),
+)
+
+
+def _default_target() -> str:
+    from server.cli import DEFAULT_TARGET  # server.cli is loaded: it calls these registrars
+
+    return DEFAULT_TARGET
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=_default_target(), help="server address HOST:PORT (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of each call (seconds)")
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+# --- train -----------------------------------------------------------------------------------------------------------
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    """``train CONFIG [--adapter-id ID] [--resume] [--register | --upload] [--replace] [--target HOST:PORT]``:
+    run the trainer in this process with a progress bar; optionally register the result with a server."""
+    p = sub.add_parser("train", help="train a LoRA adapter locally",
+                       description="Run a QLoRA training run in this process (Ctrl-C stops it at the next step "
+                       "with a checkpoint; --resume continues) and optionally register the adapter with a running "
+                       "server.")
+    p.add_argument("config", type=Path, help="TrainConfig file (.yaml, .yml or .json)")
+    p.add_argument("--adapter-id", default=None, help="adapter id (default: the config's adapter_id)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    reg = p.add_mutually_exclusive_group()
+    reg.add_argument("--register", action="store_true",
+                     help="register the result with the server at --target by path (RegisterAdapter; the server "
+                     "must see this machine's files)")
+    reg.add_argument("--upload", action="store_true",
+                     help="upload the result to the server at --target (UploadAdapter; works across machines)")
+    p.add_argument("--replace", action="store_true", help="replace an adapter with this id on the server")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _progress_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``train``; returns the exit status: 0 done (and registered), 1 training failed or the registration
+    RPC failed, 2 an invalid config or data, 130 stopped by Ctrl-C (a checkpoint was saved; ``--resume``)."""
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from trainer.config import TrainConfig
+
+    try:
+        config = TrainConfig.from_file(args.config)
+        if args.adapter_id is not None:
+            config = config.replace(adapter_id=args.adapter_id)
+    except ServerError as exc:
+        _error(f"{exc.code}: {exc}")
+        return 2
+    console = _progress_console()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers[:] = [RichHandler(console=console, show_path=False)]
+    root.setLevel(logging.INFO)
+    stop = threading.Event()
+    restore = _stop_on_sigint(stop)
+    try:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("loading", total=None, note="")
+
+            def on_progress(p: dict) -> None:
+                loss = p.get("loss")
+                note = f"loss {loss:.4f}" if loss is not None else ""
+                if p.get("eval_loss") is not None:
+                    note += f"  eval {p['eval_loss']:.4f}"
+                if p.get("tokens_per_second"):
+                    note += f"  {p['tokens_per_second']:.0f} tok/s"
+                progress.update(task, description="training", total=p.get("total_steps") or None,
+                                completed=p.get("step", 0), note=note)
+
+            from trainer.train import train
+
+            result = train(config, on_progress=on_progress, resume=args.resume, should_stop=stop.is_set)
+    except Cancelled as exc:
+        _error(f"{exc}; run again with --resume to continue")
+        return 130
+    except InvalidArgument as exc:
+        _error(f"{exc.code}: {exc}")
+        return 2
+    except ServerError as exc:
+        _error(f"{exc.code}: {exc}")
+        return 1
+    finally:
+        restore()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    eval_note = "n/a" if result.eval_loss is None else f"{result.eval_loss:.4f}"
+    print(f"adapter written to {result.adapter_dir} ({result.steps} steps, train loss {result.train_loss:.4f}, "
+          f"eval loss {eval_note}, {result.seconds:.0f} s)", flush=True)
+    if not (args.register or args.upload):
+        return 0
+    from server.cli import adapter_json
+    from server.rpc.client import Client, ClientError
+
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            if args.upload:
+                info, residency = client.upload_adapter(config.adapter_id, result.adapter_dir, replace=args.replace)
+            else:
+                info, residency = client.register_adapter(config.adapter_id, str(Path(result.adapter_dir).resolve()),
+                                                          replace=args.replace)
+    except ClientError as exc:
+        _error(f"{exc.code}: {exc.message} (the adapter stays in {result.adapter_dir})")
+        return 1
+    print(json.dumps(adapter_json(info, residency), indent=2), flush=True)
+    return 0
+
+
+def _stop_on_sigint(stop: threading.Event) -> Callable[[], None]:
+    """First SIGINT sets ``stop`` (the trainer checkpoints and stops after the step); a second one interrupts at
+    once. Returns a function restoring the previous handler (a no-op off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------------
+
+
+def add_jobs_command(sub: argparse._SubParsersAction) -> None:
+    """``jobs create|get|list|cancel|watch``: the server's Training service."""
+    p = sub.add_parser("jobs", help="manage training jobs on a server",
+                       description="Create, inspect, cancel and watch the server's QLoRA training jobs.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("create", help="queue a training job (JSON of the job)")
+    _add_client_options(a)
+    a.add_argument("--adapter-id", required=True, help="id to register the trained adapter under")
+    a.add_argument("--dataset", required=True, help="JSONL dataset path as the server sees it")
+    a.add_argument("--replace", action="store_true", help="replace an adapter with this id when the job succeeds")
+    a.add_argument("--config", type=Path, default=None,
+                   help="JSON/YAML file mapping TrainingConfig fields to values (flags below override it)")
+    for name, typ, text in CONFIG_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            a.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            a.add_argument(flag, dest=name, type=typ, default=None, help=text)
+    a.add_argument("--watch", action="store_true", help="then watch it (exit status as `jobs watch`)")
+    a.set_defaults(func=_client_command(_jobs_create))
+    a = actions.add_parser("get", help="describe one job (JSON)")
+    _add_client_options(a)
+    a.add_argument("job_id", help="job id")
+    a.set_defaults(func=_client_command(lambda c, args: _print_json(job_json(c.get_training_job(args.job_id)))))
+    a = actions.add_parser("list", help="list jobs, newest first")
+    _add_client_options(a)
+    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a.set_defaults(func=_client_command(_jobs_list))
+    a = actions.add_parser("cancel", help="cancel a queued or running job (JSON of the job)")
+    _add_client_options(a)
+    a.add_argument("job_id", help="job id")
+    a.set_defaults(func=_client_command(lambda c, args: _print_json(job_json(c.cancel_training_job(args.job_id)))))
+    a = actions.add_parser("watch", help="print a job's progress until it ends; exit 0 only if it succeeded")
+    _add_client_options(a)
+    a.add_argument("job_id", help="job id")
+    a.set_defaults(func=_client_command(lambda c, args: _watch(c, args.job_id)))
+
+
+def _client_command(fn: Callable[[Any, argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int]:
+    """Run ``fn(client, args)``; its return value (None = 0) is the exit status; a failed RPC prints
+    ``error: CODE: message`` and exits 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from server.rpc.client import Client, ClientError
+
+        try:
+            with Client(args.target, timeout=args.timeout) as client:
+                return fn(client, args) or 0
+        except ClientError as exc:
+            _error(f"{exc.code}: {exc.message}")
+            return 1
+
+    return run
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def job_json(job) -> dict:
+    """A JSON-ready dict of a job as the API describes it (times also as ISO 8601 UTC)."""
+    return {"job_id": job.job_id, "state": job.state, "adapter_id": job.adapter_id, "step": job.step,
+            "total_steps": job.total_steps, "loss": job.loss, "eval_loss": job.eval_loss, "error": job.error,
+            "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+            "created_at_iso": _iso(job.created_at), "started_at_iso": _iso(job.started_at),
+            "finished_at_iso": _iso(job.finished_at), "output_dir": job.output_dir}
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2), flush=True)
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainingConfig`` overrides of ``jobs create``: ``--config`` file first, flags over it.
+
+    Raises:
+        InvalidArgument: the file cannot be read or parsed, or is not a mapping (``field="config"``).
+    """
+    config: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            text = args.config.read_text(encoding="utf-8")
+            if args.config.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # noqa: BLE001 - OSError, JSON or YAML errors alike
+            raise InvalidArgument(f"cannot read {args.config}: {exc}", field="config") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"{args.config} must hold a mapping of TrainingConfig fields", field="config")
+        config.update(data)
+    for name, _, _ in CONFIG_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            config[name] = [m.strip() for m in value.split(",") if m.strip()] if name == "target_modules" else value
+    return config
+
+
+def _jobs_create(client, args: argparse.Namespace) -> int:
+    from server.rpc.client import ClientError
+    from server.training.jobs import JobRequest
+
+    try:
+        config = config_from_args(args)
+    except InvalidArgument as exc:
+        raise ClientError(exc.code, str(exc)) from None
+    job = client.create_training_job(JobRequest(adapter_id=args.adapter_id, dataset_path=args.dataset,
+                                                replace=args.replace, config=config))
+    _print_json(job_json(job))
+    return _watch(client, job.job_id) if args.watch else 0
+
+
+def _jobs_list(client, args: argparse.Namespace) -> None:
+    jobs = client.list_training_jobs()
+    if args.json:
+        _print_json([job_json(j) for j in jobs])
+        return
+    rows = [("ID", "STATE", "ADAPTER", "STEP", "LOSS", "CREATED", "ERROR")]
+    rows += [(j.job_id, j.state, j.adapter_id, f"{j.step}/{j.total_steps}",
+              "" if j.loss is None else f"{j.loss:.4f}", _iso(j.created_at) or "", j.error[:60]) for j in jobs]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    sys.stdout.flush()
+
+
+def _watch(client, job_id: str) -> int:
+    """Print one line per event; 0 when the job ends succeeded, 1 when it ends otherwise."""
+    last = None
+    for event in client.watch_training_job(job_id):
+        last = event.job
+        print(f"{last.job_id} {last.state} {last.step}/{last.total_steps} {event.message}".rstrip(), flush=True)
+    if last is not None and last.state == "failed":
+        _error(last.error)
+    return 0 if last is not None and last.state == "succeeded" else 1

@@ -1,0 +1,590 @@
+"""Runs training jobs one at a time, each in its own worker process; persists their state and fans out progress."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from server.config import ADAPTER_ID_RE, ModelConfig
+from server.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServerError
+from server.training import worker as worker_files
+from server.training.jobs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    JobEvent,
+    JobRequest,
+    JobStore,
+)
+
+log = logging.getLogger(__name__)
+
+#: ``JobRequest.config`` keys a client may set: the fields of the proto ``TrainingConfig`` (same names as
+#: ``trainer.config.TrainConfig``). The base model, device, dtype, paths and adapter id are the server's.
+TRAINING_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "learning_rate",
+                          "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length",
+                          "optim", "seed", "eval_fraction", "warmup_ratio")
+#: Sub-directory of the state directory holding one directory per job (named by job id).
+JOBS_SUBDIR = "jobs"
+#: Lock file in the state directory: one server (manager) per state directory.
+LOCK_FILE = "training.lock"
+#: Module the worker processes run (``python -m``).
+WORKER_MODULE = "server.training.worker"
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds the server/ and trainer/ packages
+_CLOSED = object()
+
+
+def new_job_id() -> str:
+    """A fresh job id: ``job-`` and 16 hex characters (64 random bits)."""
+    return f"job-{uuid.uuid4().hex[:16]}"
+
+
+def _bare_message(exc: ServerError) -> str:
+    text = str(exc)
+    prefix = f"{exc.field}: "
+    return text[len(prefix):] if exc.field and text.startswith(prefix) else text
+
+
+def build_train_config(request: JobRequest, model_config: ModelConfig, output_dir: Path):
+    """The complete ``trainer.config.TrainConfig`` of ``request``: the server's base model (``model_config``'s
+    model, compute dtype, device and cache dir), the request's dataset, adapter id and hyper-parameters, and
+    ``output_dir`` as the trainer's output directory.
+
+    Raises:
+        InvalidArgument: a key of ``request.config`` that is not in ``TRAINING_CONFIG_FIELDS`` or a value the
+            trainer rejects; ``field`` is ``config.<name>`` (e.g. ``config.lora_dropout``).
+    """
+    from trainer.config import TrainConfig
+
+    for name in request.config:
+        if name not in TRAINING_CONFIG_FIELDS:
+            raise InvalidArgument(f"unknown training setting (known: {', '.join(TRAINING_CONFIG_FIELDS)})",
+                                  field=f"config.{name}")
+    overrides = dict(request.config)
+    if "target_modules" in overrides and overrides["target_modules"] is not None:
+        overrides["target_modules"] = tuple(overrides["target_modules"])
+    try:
+        return TrainConfig(model=model_config.model, compute_dtype=model_config.compute_dtype,
+                           device=model_config.device, cache_dir=Path(model_config.cache_dir).absolute(),
+                           dataset=Path(request.dataset_path), output_dir=Path(output_dir),
+                           adapter_id=request.adapter_id, **overrides)
+    except InvalidArgument as exc:
+        if exc.field in TRAINING_CONFIG_FIELDS:
+            raise InvalidArgument(_bare_message(exc), field=f"config.{exc.field}") from None
+        raise
+
+
+def describe_exit(returncode: int, job_dir: Path) -> str:
+    """The ``error`` of a job whose worker exited with ``returncode`` (``Popen.returncode``: negative = killed by
+    that signal): the worker's own ``error.json`` message when it wrote one, then the exit code or signal."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        how = f"worker killed by signal {-returncode} ({name})"
+    else:
+        how = f"worker exited with code {returncode}"
+    try:
+        err = json.loads((job_dir / worker_files.ERROR_FILE).read_text(encoding="utf-8"))
+        return f"{err.get('code', 'INTERNAL')}: {err.get('message', '')} ({how})"
+    except (OSError, ValueError, AttributeError):
+        return f"{how}; see {job_dir / worker_files.LOG_FILE}"
+
+
+class _ProgressTail:
+    """Reads the complete JSON lines appended to a worker's progress file since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = 0
+        self._partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        records = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.warning("unreadable progress line in %s: %r", self._path, line[:200])
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+class _Active:
+    """The job the scheduler is running."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.cancel = threading.Event()
+        self.cancel_reason = ""
+        self.registering = False
+        self.finalized = threading.Event()
+
+
+class JobWatch:
+    """An iterator of :class:`JobEvent` for one job: the job as it was when the watch began, then every change,
+    ending after the event with a terminal state. :meth:`close` (from any thread) ends it early; iteration then
+    stops, or raises :class:`Cancelled` when the manager closed it because the server is shutting down."""
+
+    def __init__(self, manager: "TrainingManager", job_id: str) -> None:
+        self.job_id = job_id
+        self._manager = manager
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._shutdown = False
+
+    def _put(self, event: JobEvent) -> None:
+        self._queue.put(event)
+
+    def close(self, shutdown: bool = False) -> None:
+        """Stop the watch; pending events are dropped. ``shutdown=True`` makes iteration raise Cancelled."""
+        self._shutdown = self._shutdown or shutdown
+        self._manager._unwatch(self)
+        self._queue.put(_CLOSED)
+
+    def __iter__(self) -> Iterator[JobEvent]:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _CLOSED:
+                    if self._shutdown:
+                        raise Cancelled("the server is shutting down")
+                    return
+                yield item
+                if item.job.terminal:
+                    return
+        finally:
+            self._manager._unwatch(self)
+
+
+class TrainingManager:
+    """Queues training jobs and runs them one at a time (FIFO), each in its own worker process
+    (``python -m server.training.worker JOBDIR``, a new session) on this machine and accelerator, so a crash or
+    an out-of-memory kill in training never takes serving down.
+
+    State machine (persisted in ``job_store``; see ``server.training.jobs.TRANSITIONS``)::
+
+        queued ──▶ running ──▶ succeeded      (adapter registered)
+          │           ├──────▶ failed         (trainer error, worker crash/kill, registration refused)
+          └───────────┴──────▶ cancelled      (client cancel, or server shutdown while running)
+
+    * The worker appends progress to ``<job dir>/progress.jsonl``; the scheduler thread tails it, stores step,
+      total_steps, loss and eval_loss in SQLite, sets the ``training_*`` gauges and sends a :class:`JobEvent` to
+      every watcher.
+    * Success (exit 0 and ``result.json``): the adapter is registered with ``adapter_store.register(adapter_id,
+      adapter_dir, replace)`` (servable at once) and the job's ``output/checkpoints`` are deleted (the adapter and
+      logs stay). A registration error fails the job with that error.
+    * Worker failure: ``failed`` with the worker's error and the exit code (``"... (worker exited with code 1)"``)
+      or signal (``"worker killed by signal 9 (SIGKILL)"``); the job directory stays for inspection.
+    * Cancel: a queued job is cancelled at once; a running worker gets SIGTERM, then SIGKILL after
+      ``terminate_grace_s`` (to its whole process group); nothing is registered and the job directory is removed.
+    * :meth:`close` (server shutdown) cancels the running job the same way; queued jobs stay queued and run when
+      a manager starts again on the same state directory. A job found ``running`` at :meth:`start` (its server
+      died; its worker exits on its own when the parent dies) becomes ``failed`` with
+      ``"server restarted during training"`` — it is not re-queued, as its partial output cannot be trusted.
+
+    Gauges: ``training_jobs{state}`` counts jobs per state; ``training_step``, ``training_loss`` and
+    ``training_tokens_per_second`` follow the running job (after it ends, step and loss keep its last values and
+    tokens_per_second drops to 0).
+
+    Args:
+        adapter_store: the server's ``AdapterStore`` (``get``, ``register``).
+        job_store: the jobs database; closed by :meth:`close`.
+        state_dir: holds the lock file and ``jobs/<job id>/`` (created with the first job).
+        metrics: the server's ``Metrics``, or None for none.
+        model_config: the resident base model (model, compute dtype, device, cache dir) every job trains on.
+        python: interpreter that runs the worker (default: this one).
+        terminate_grace_s: seconds between SIGTERM and SIGKILL when stopping a worker.
+        poll_interval_s: how often the scheduler reads progress and checks the worker (seconds).
+    """
+
+    def __init__(self, adapter_store, job_store: JobStore, state_dir: Path, metrics=None, *,
+                 model_config: ModelConfig, python: str = sys.executable, terminate_grace_s: float = 10.0,
+                 poll_interval_s: float = 0.2) -> None:
+        self._store = adapter_store
+        self._jobs = job_store
+        self.state_dir = Path(state_dir).absolute()
+        self.jobs_dir = self.state_dir / JOBS_SUBDIR
+        self._metrics = metrics
+        self._model_config = model_config
+        self._python = python
+        self._grace = terminate_grace_s
+        self._poll = poll_interval_s
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._watchers: dict[str, set[JobWatch]] = {}
+        self._active: _Active | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> "TrainingManager":
+        """Recover the job store (running → failed, see the class docstring), publish the job counts and start
+        the scheduler thread (queued jobs left by an earlier server run first). Returns self.
+
+        Raises:
+            FailedPrecondition: another live manager holds the state directory (``field="state_dir"``).
+        """
+        if self.state_dir.exists():
+            self._acquire_state_lock()
+        for job in self._jobs.recover_interrupted(time.time()):
+            log.warning("training job %s was running when the server stopped; marked failed", job.job_id)
+        self._refresh_counts()
+        self._thread = threading.Thread(target=self._loop, name="training-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop: cancel the running job (its worker is terminated, state ``cancelled``), end every watch with
+        Cancelled, stop the scheduler, release the state directory and close the job store. Queued jobs stay
+        queued. Waits at most ``timeout_s`` seconds for the scheduler (default: the termination grace + 30)."""
+        with self._wake:
+            if self._closing:
+                return
+            self._closing = True
+            if self._active is not None:
+                self._active.cancel_reason = "cancelled: the server is shutting down"
+                self._active.cancel.set()
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(self._grace + 30.0 if timeout_s is None else timeout_s)
+        with self._lock:
+            watches = [w for ws in self._watchers.values() for w in ws]
+        for w in watches:
+            w.close(shutdown=True)
+        self._jobs.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _acquire_state_lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FailedPrecondition(f"{self.state_dir} is used by another running server ({LOCK_FILE} is locked)",
+                                     field="state_dir") from None
+        self._lock_fd = fd
+
+    # ----------------------------------------------------------------------------------------------- API
+
+    def create(self, request: JobRequest) -> Job:
+        """Validate ``request`` and queue a job; returns it (state ``queued``). Nothing is stored when validation
+        fails.
+
+        Raises:
+            InvalidArgument: a malformed ``adapter_id``; ``dataset_path`` empty, missing, not a file, unreadable or
+                holding invalid JSONL records (every bad line listed); a bad training setting
+                (``config.<name>``).
+            AlreadyExists: ``adapter_id`` is registered, or a queued/running job will register it, and
+                ``replace`` is false (``field="adapter_id"``).
+            Cancelled: the server is shutting down.
+            FailedPrecondition: another server holds the state directory.
+        """
+        from trainer.data import read_jsonl
+
+        if not isinstance(request.adapter_id, str) or not ADAPTER_ID_RE.fullmatch(request.adapter_id):
+            raise InvalidArgument(f"must match {ADAPTER_ID_RE.pattern}, got {request.adapter_id!r}",
+                                  field="adapter_id")
+        if not request.dataset_path:
+            raise InvalidArgument("must name a JSONL file on the server", field="dataset_path")
+        dataset = Path(request.dataset_path).expanduser().absolute()
+        if not dataset.exists():
+            raise InvalidArgument(f"{dataset} does not exist on the server", field="dataset_path")
+        if not dataset.is_file():
+            raise InvalidArgument(f"{dataset} is not a file", field="dataset_path")
+        job_id = new_job_id()
+        job_dir = self.jobs_dir / job_id
+        config = build_train_config(JobRequest(request.adapter_id, str(dataset), request.replace, request.config),
+                                    self._model_config, job_dir / worker_files.OUTPUT_SUBDIR)
+        read_jsonl(dataset, field="dataset_path")  # every record well formed (tokenization happens in the worker)
+        with self._wake:  # the checks and the insert are atomic with respect to other creates
+            if self._closing:
+                raise Cancelled("the server is shutting down")
+            if not request.replace:
+                self._check_adapter_free(request.adapter_id)
+            self._acquire_state_lock()
+            job = self._jobs.create(Job(job_id=job_id, state=QUEUED, adapter_id=request.adapter_id,
+                                        created_at=time.time(), output_dir=str(job_dir), replace=request.replace,
+                                        dataset_path=str(dataset), config=config.to_dict()))
+            self._refresh_counts()
+            self._wake.notify_all()
+        log.info("training job %s queued: adapter %s, dataset %s", job.job_id, job.adapter_id, dataset)
+        return job
+
+    def _check_adapter_free(self, adapter_id: str) -> None:
+        try:
+            self._store.get(adapter_id)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(f"adapter {adapter_id!r} is registered; set replace to overwrite it",
+                                field="adapter_id")
+        pending = self._jobs.active_for_adapter(adapter_id)
+        if pending:
+            raise AlreadyExists(f"job {pending[0].job_id} ({pending[0].state}) will register adapter "
+                                f"{adapter_id!r}; set replace to overwrite it", field="adapter_id")
+
+    def get(self, job_id: str) -> Job:
+        """The job ``job_id``. Raises NotFound (``field="job_id"``)."""
+        return self._jobs.get(job_id)
+
+    def list(self) -> list[Job]:
+        """Every job, newest first."""
+        return self._jobs.list()
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job and return it (state ``cancelled``). A running job's worker is
+        terminated first (SIGTERM, then SIGKILL after the grace period), so this may block that long.
+
+        Raises:
+            NotFound: no such job.
+            FailedPrecondition: the job already finished (succeeded, failed or cancelled), including one that
+                finished while the cancel was in flight (``field="job_id"``).
+        """
+        with self._wake:
+            job = self._jobs.get(job_id)
+            active = self._active if self._active is not None and self._active.job_id == job_id else None
+            if job.state == QUEUED and active is None:
+                job = self._jobs.transition(job_id, CANCELLED, finished_at=time.time())
+                self._publish(job, "cancelled before it started")
+                self._refresh_counts()
+                return job
+            if job.terminal or active is None:
+                raise FailedPrecondition(f"job {job_id} already {job.state}", field="job_id")
+            if not active.registering:
+                active.cancel_reason = "cancelled by a client"
+                active.cancel.set()
+        active.finalized.wait(self._grace + 60.0)
+        job = self._jobs.get(job_id)
+        if job.state != CANCELLED:
+            raise FailedPrecondition(f"job {job_id} {job.state} before it could be cancelled", field="job_id")
+        return job
+
+    def watch(self, job_id: str) -> JobWatch:
+        """A :class:`JobWatch` of ``job_id`` whose first event is the job as it is now.
+
+        Raises:
+            NotFound: no such job.
+        """
+        watch = JobWatch(self, job_id)
+        with self._lock:
+            job = self._jobs.get(job_id)
+            watch._put(JobEvent(job, f"job is {job.state}"))
+            if not job.terminal:
+                if self._closing:
+                    watch._shutdown = True
+                    watch._queue.put(_CLOSED)
+                else:
+                    self._watchers.setdefault(job_id, set()).add(watch)
+        return watch
+
+    def watcher_count(self, job_id: str) -> int:
+        """How many watches of ``job_id`` are open (for monitoring and tests)."""
+        with self._lock:
+            return len(self._watchers.get(job_id, ()))
+
+    def _unwatch(self, watch: JobWatch) -> None:
+        with self._lock:
+            watchers = self._watchers.get(watch.job_id)
+            if watchers is not None:
+                watchers.discard(watch)
+                if not watchers:
+                    del self._watchers[watch.job_id]
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _publish(self, job: Job, message: str) -> None:
+        """Send an event to the job's watchers. Caller holds the lock (so events follow store order)."""
+        event = JobEvent(job, message)
+        for w in self._watchers.get(job.job_id, ()):
+            w._put(event)
+        if job.terminal:
+            self._watchers.pop(job.job_id, None)
+
+    def _refresh_counts(self) -> None:
+        if self._metrics is None:
+            return
+        for state, n in self._jobs.count_by_state().items():
+            self._metrics.training_jobs.labels(state).set(n)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                job = None
+                while not self._closing:
+                    try:
+                        job = self._jobs.next_queued()
+                        if job is not None:
+                            job = self._jobs.transition(job.job_id, RUNNING, started_at=time.time(), step=0)
+                            break
+                    except (ServerError, sqlite3.Error):  # keep scheduling; retry after the wait
+                        log.exception("cannot read or update the training job store")
+                    self._wake.wait(5.0)
+                if self._closing:
+                    return
+                active = _Active(job.job_id)
+                self._active = active
+                self._publish(job, "started")
+                self._refresh_counts()
+            try:
+                self._execute(job, active)
+            except Exception as exc:  # noqa: BLE001 - a manager bug fails the job, never the scheduler
+                log.exception("training job %s: internal error", job.job_id)
+                self._finish(active, FAILED, error=f"internal error in the training manager: {exc}")
+            finally:
+                with self._lock:
+                    self._active = None
+                if self._metrics is not None:
+                    self._metrics.training_tokens_per_second.set(0)
+                active.finalized.set()
+
+    def _worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _execute(self, job: Job, active: _Active) -> None:
+        job_dir = Path(job.output_dir)
+        if job_dir.exists():
+            shutil.rmtree(job_dir)
+        job_dir.mkdir(parents=True)
+        worker_files.write_json_atomically(job_dir / worker_files.JOB_FILE, {"config": dict(job.config)})
+        with open(job_dir / worker_files.LOG_FILE, "ab") as log_file:
+            proc = subprocess.Popen([self._python, "-m", WORKER_MODULE, str(job_dir)], stdin=subprocess.DEVNULL,
+                                    stdout=log_file, stderr=subprocess.STDOUT, env=self._worker_env(),
+                                    start_new_session=True)
+        try:
+            with self._lock:
+                self._publish(self._jobs.update(job.job_id, pid=proc.pid), f"worker started (pid {proc.pid})")
+            tail = _ProgressTail(job_dir / worker_files.PROGRESS_FILE)
+            while True:
+                for record in tail.read():
+                    self._on_progress(job.job_id, record)
+                if active.cancel.wait(self._poll):
+                    self._terminate(proc)
+                if proc.poll() is not None:
+                    break
+            for record in tail.read():
+                self._on_progress(job.job_id, record)
+        except BaseException:
+            self._terminate(proc)
+            raise
+        with self._lock:
+            cancelled = active.cancel.is_set()
+            active.registering = not cancelled
+        if cancelled:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self._finish(active, CANCELLED, message=active.cancel_reason or "cancelled")
+            return
+        rc = proc.returncode
+        result_path = job_dir / worker_files.RESULT_FILE
+        if rc != 0 or not result_path.is_file():
+            error = describe_exit(rc, job_dir) if rc != 0 else "worker exited with code 0 but wrote no result"
+            log.warning("training job %s failed: %s", job.job_id, error)
+            self._finish(active, FAILED, error=error)
+            return
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+        try:
+            self._store.register(job.adapter_id, Path(result["adapter_dir"]), job.replace)
+        except (ServerError, OSError) as exc:
+            code = exc.code if isinstance(exc, ServerError) else "INTERNAL"
+            self._finish(active, FAILED, error=f"registering adapter {job.adapter_id!r} failed: {code}: {exc}")
+            return
+        shutil.rmtree(job_dir / worker_files.OUTPUT_SUBDIR / "checkpoints", ignore_errors=True)
+        self._finish(active, SUCCEEDED, message=f"adapter {job.adapter_id} registered")
+
+    def _terminate(self, proc: subprocess.Popen) -> None:
+        """SIGTERM the worker's process group, SIGKILL it after the grace period; returns once the worker is
+        reaped."""
+        if proc.poll() is not None:
+            return
+        self._signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(self._grace)
+        except subprocess.TimeoutExpired:
+            self._signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)  # the worker leads its own session/group (start_new_session)
+        except ProcessLookupError:
+            pass
+
+    def _on_progress(self, job_id: str, record: dict[str, Any]) -> None:
+        event = record.get("event")
+        if event not in ("step", "eval", "done"):
+            return
+        fields: dict[str, Any] = {}
+        for name in ("step", "total_steps"):
+            if isinstance(record.get(name), int):
+                fields[name] = record[name]
+        for name in ("loss", "eval_loss"):
+            if isinstance(record.get(name), (int, float)):
+                fields[name] = float(record[name])
+        step, total = record.get("step"), record.get("total_steps")
+        if event == "step":
+            loss = fields.get("loss")
+            message = f"step {step}/{total}" + (f" loss {loss:.4f}" if loss is not None else "")
+            tps = record.get("tokens_per_second")
+            if isinstance(tps, (int, float)):
+                message += f" ({tps:.0f} tokens/s)"
+        elif event == "eval":
+            message = f"eval loss {fields['eval_loss']:.4f} at step {step}" if "eval_loss" in fields else "eval"
+        else:
+            message = f"training done at step {step}; registering the adapter"
+        with self._lock:
+            job = self._jobs.update(job_id, **fields)
+            self._publish(job, message)
+        if self._metrics is not None:
+            if "step" in fields:
+                self._metrics.training_step.set(fields["step"])
+            if "loss" in fields:
+                self._metrics.training_loss.set(fields["loss"])
+            if isinstance(record.get("tokens_per_second"), (int, float)):
+                self._metrics.training_tokens_per_second.set(record["tokens_per_second"])
+
+    def _finish(self, active: _Active, state: str, error: str = "", message: str = "") -> None:
+        with self._lock:
+            job = self._jobs.transition(active.job_id, state, finished_at=time.time(), error=error)
+            self._publish(job, message or (f"failed: {error}" if error else state))
+            self._refresh_counts()
+        log.info("training job %s %s%s", job.job_id, state, f": {error}" if error else "")
+
