@@ -9,9 +9,12 @@ import grpc
 
 from server.adapters.types import AdapterInfo
 from server.engine.types import GenerationEvent, GenerationRequest, GenerationResult
+from server.errors import ServerError
 from server.rpc import convert
+from server.rpc import training as training_convert
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
+from server.training.jobs import Job, JobEvent, JobRequest
 
 #: Size of one ``UploadAdapter`` chunk (bytes).
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -44,6 +47,7 @@ class Client:
         self._timeout = timeout
         self._generation = pb_grpc.GenerationStub(self._channel)
         self._adapters = pb_grpc.AdaptersStub(self._channel)
+        self._training = pb_grpc.TrainingStub(self._channel)
 
     def close(self) -> None:
         """Close the channel."""
@@ -109,6 +113,42 @@ class Client:
         total = sum(f.stat().st_size for f in files)
         return convert.adapter_from_proto(
             self._call(self._adapters.UploadAdapter, _upload_requests(adapter_id, files, replace, total, chunk_bytes)))
+
+    def create_training_job(self, request: JobRequest) -> Job:
+        """Queue a training job; returns it (state ``queued``). A config key that is not a ``TrainingConfig``
+        field raises :class:`ClientError` INVALID_ARGUMENT locally."""
+        try:
+            msg = training_convert.job_request_to_proto(request)
+        except ServerError as exc:
+            raise ClientError(exc.code, str(exc)) from None
+        return training_convert.job_from_proto(self._call(self._training.CreateTrainingJob, msg))
+
+    def get_training_job(self, job_id: str) -> Job:
+        """One training job."""
+        return training_convert.job_from_proto(
+            self._call(self._training.GetTrainingJob, pb.GetTrainingJobRequest(job_id=job_id)))
+
+    def list_training_jobs(self) -> list[Job]:
+        """Every training job, newest first."""
+        resp = self._call(self._training.ListTrainingJobs, pb.ListTrainingJobsRequest())
+        return [training_convert.job_from_proto(j) for j in resp.jobs]
+
+    def cancel_training_job(self, job_id: str) -> Job:
+        """Cancel a queued or running job; returns it (state ``cancelled``)."""
+        return training_convert.job_from_proto(
+            self._call(self._training.CancelTrainingJob, pb.CancelTrainingJobRequest(job_id=job_id)))
+
+    def watch_training_job(self, job_id: str) -> Iterator[JobEvent]:
+        """Yield the job's events (its current state first) until a terminal state. Closing the iterator early
+        cancels the RPC."""
+        call = self._training.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job_id), timeout=self._timeout)
+        try:
+            for msg in call:
+                yield training_convert.job_event_from_proto(msg)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
 
 def _upload_requests(adapter_id: str, files: list[Path], replace: bool, total: int,
