@@ -19,6 +19,8 @@ from server.logs import RequestLog
 from server.metrics import Metrics
 from server.model.base import BaseModelInfo, load_base_model
 from server.model.lora import attach_router
+from server.training.jobs import DB_FILE, JobStore
+from server.training.manager import TrainingManager
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +38,25 @@ class App:
     adapter_cache: AdapterCache
     metrics: Metrics
     _sampler_stop: threading.Event
+    training: TrainingManager | None = None
 
     def close(self) -> None:
-        """Stop the engine (running requests end CANCELLED) and the background threads."""
+        """Stop the training manager (a running job's worker is terminated, the job cancelled), the engine (running
+        requests end CANCELLED) and the background threads."""
+        if self.training is not None:
+            self.training.close()
         self._sampler_stop.set()
         self.engine.stop()
         self.adapter_cache.close()
 
 
 def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseModelInfo | None = None) -> App:
-    """Load the base model (unless one is passed in, as tests do), attach the LoRA banks, open the adapter store
-    and start the engine.
+    """Load the base model (unless one is passed in, as tests do), attach the LoRA banks, open the adapter store,
+    start the training manager (jobs database in ``config.state_dir``) and start the engine.
 
     Raises:
-        FailedPrecondition: the model cannot be loaded or uses attention the engine does not support.
+        FailedPrecondition: the model cannot be loaded or uses attention the engine does not support, or another
+            running server holds ``config.state_dir`` (field ``state_dir``).
         InvalidArgument: a config field is invalid.
     """
     metrics = Metrics(config.engine.top_adapter_labels)
@@ -82,11 +89,17 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     metrics.component_bytes.labels("kv_cache").set(0)
     metrics.adapters_registered.set(len(store.list()))
     store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
+    try:
+        training = TrainingManager(store, JobStore(config.state_dir / DB_FILE), config.state_dir, metrics,
+                                   model_config=config.model).start()
+    except BaseException:
+        cache.close()
+        raise
     engine.start()
     stop = threading.Event()
     threading.Thread(target=_sample_memory, args=(metrics, stop, str(base_info.device)), name="memory-sampler",
                      daemon=True).start()
-    return App(config, model, tokenizer, base_info, engine, store, cache, metrics, stop)
+    return App(config, model, tokenizer, base_info, engine, store, cache, metrics, stop, training)
 
 
 def _sample_memory(metrics: Metrics, stop: threading.Event, device: str, period_s: float = 1.0) -> None:
