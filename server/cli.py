@@ -15,6 +15,7 @@ from typing import Callable
 
 from server.config import EMBEDDED_MODEL, EngineConfig, ModelConfig, ServerConfig
 from server.errors import ServerError
+from server.training.commands import add_jobs_command, add_train_command
 
 DEFAULT_TARGET = "localhost:50051"
 #: Seconds in-flight RPCs get to finish after SIGTERM / SIGINT before they are cancelled.
@@ -114,11 +115,13 @@ def add_adapters_command(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_cmd_adapters_upload)
 
 
-#: Sub-command registrars, in help order. Add ``add_train_command`` here.
+#: Sub-command registrars, in help order (``train`` and ``jobs`` live in server/training/commands.py).
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_serve_command,
     add_generate_command,
     add_adapters_command,
+    add_train_command,
+    add_jobs_command,
 )
 
 
@@ -190,6 +193,7 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
     from prometheus_client import start_http_server
 
     from server.rpc.server import build_grpc_server, format_address, new_health_servicer
+    from server.rpc.training import TrainingServicer
 
     log = logging.getLogger("qlora_server")
     try:
@@ -199,7 +203,10 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
     httpd = None
     try:
         health = new_health_servicer()
-        grpc_server, port = build_grpc_server(app, config.host, config.port, health_servicer=health)
+        training = getattr(app, "training", None)  # the TrainingManager; absent in apps that do not train
+        training_servicer = None if training is None else TrainingServicer(training)
+        grpc_server, port = build_grpc_server(app, config.host, config.port, health_servicer=health,
+                                              training_servicer=training_servicer)
         metrics_note = "metrics off"
         if config.metrics_port >= 0:
             try:
