@@ -1,0 +1,56 @@
+"""Pure proto <-> plain conversions of the Training service."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.errors import InvalidArgument
+from server.rpc import training as conv
+from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
+from server.training.jobs import STATES, Job, JobEvent, JobRequest
+from server.training.manager import TRAINING_CONFIG_FIELDS
+
+
+def test_states_round_trip():
+    for state in STATES:
+        assert conv.job_state_from_proto(conv.job_state_to_proto(state)) == state
+    assert conv.job_state_to_proto("paused") == pb.JOB_STATE_UNSPECIFIED
+    assert conv.job_state_from_proto(pb.JOB_STATE_UNSPECIFIED) == conv.UNSPECIFIED_STATE
+
+
+def test_training_config_only_carries_set_fields():
+    assert conv.training_config_from_proto(pb.TrainingConfig()) == {}
+    msg = pb.TrainingConfig(r=8, lora_alpha=16.0, lora_dropout=0.1, target_modules=["q_proj"], use_rslora=False,
+                            max_steps=0, learning_rate=2e-4, optim="paged_adamw_32bit", seed=0)
+    plain = conv.training_config_from_proto(msg)
+    assert plain == {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "target_modules": ["q_proj"],
+                     "use_rslora": False, "max_steps": 0, "learning_rate": 2e-4, "optim": "paged_adamw_32bit",
+                     "seed": 0}  # float32 0.1 comes back as 0.1; explicit zeros / False stay set
+    assert conv.training_config_to_proto(plain) == msg
+    # The wire fields are exactly what the manager accepts.
+    assert set(pb.TrainingConfig.DESCRIPTOR.fields_by_name) == set(TRAINING_CONFIG_FIELDS)
+
+
+def test_training_config_to_proto_rejects_unknown_keys_and_types():
+    with pytest.raises(InvalidArgument) as info:
+        conv.training_config_to_proto({"save_steps": 5})
+    assert info.value.field == "config.save_steps"
+    with pytest.raises(InvalidArgument) as info:
+        conv.training_config_to_proto({"r": "eight"})
+    assert info.value.field == "config.r"
+    assert conv.training_config_to_proto({"target_modules": "q_proj", "r": None}).target_modules == ["q_proj"]
+
+
+def test_request_job_and_event_round_trip():
+    req = JobRequest(adapter_id="a", dataset_path="/d.jsonl", replace=True, config={"max_steps": 3})
+    assert conv.job_request_from_proto(conv.job_request_to_proto(req)) == req
+    job = Job(job_id="job-1", state="running", adapter_id="a", step=3, total_steps=10, loss=1.25, error="",
+              created_at=100.5, started_at=101.0, output_dir="/s/jobs/job-1",
+              replace=True, dataset_path="/d.jsonl", config={"r": 4}, pid=42)
+    msg = conv.job_to_proto(job)
+    assert not msg.HasField("eval_loss") and not msg.HasField("finished_at") and msg.HasField("loss")
+    back = conv.job_from_proto(msg)
+    assert back == Job(job_id="job-1", state="running", adapter_id="a", step=3, total_steps=10, loss=1.25,
+                       created_at=100.5, started_at=101.0, output_dir="/s/jobs/job-1")  # server-only fields dropped
+    event = JobEvent(back, "step 3/10")
+    assert conv.job_event_from_proto(conv.job_event_to_proto(event)) == event
