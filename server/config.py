@@ -106,6 +106,9 @@ class ServerConfig:
         adapters_dir: the adapter store (one sub-directory per registered adapter).
         state_dir: where the training-job database and job outputs live.
         max_upload_bytes: size cap of one ``UploadAdapter`` stream (bytes).
+        grpc_workers: RPC handler threads, which is also the cap on concurrent RPCs (one more gets
+            RESOURCE_EXHAUSTED at once); 0 = ``max_batch_size + max_queue + 16``, so the engine's own queue limit
+            is what callers hit first.
         log_json: write request logs as JSON lines instead of plain text.
         log_prompts: include prompt text in request logs (off by default).
     """
@@ -118,7 +121,7 @@ class ServerConfig:
     adapters_dir: Path = Path("adapters")
     state_dir: Path = Path(".qlora-state")
     max_upload_bytes: int = 2 * 1024**3
-    grpc_workers: int = 32
+    grpc_workers: int = 0
     log_json: bool = False
     log_prompts: bool = False
 
@@ -126,7 +129,12 @@ class ServerConfig:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
         _require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1..65535")
         _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
-        _require(self.grpc_workers >= 1, "grpc_workers", "must be >= 1")
+        _require(self.grpc_workers >= 0, "grpc_workers", "must be >= 0 (0 = enough for every queued request)")
+
+    @property
+    def rpc_workers(self) -> int:
+        """The resolved number of RPC handler threads (see ``grpc_workers``)."""
+        return self.grpc_workers or self.engine.max_batch_size + self.engine.max_queue + 16
 
     def replace(self, **changes) -> "ServerConfig":
         """Return a copy with ``changes`` applied (validated again)."""

@@ -42,7 +42,7 @@ def build_grpc_server(app, host: str, port: int, *, health_servicer: health.Heal
     It serves ``qlora_server.v1.Generation`` and ``Adapters`` (plus ``Training`` when ``training_servicer`` is
     given), ``grpc.health.v1.Health`` (SERVING for ``""`` and every service name) and server reflection, all
     behind one :class:`StatusInterceptor` that maps errors and counts ``app.metrics.requests``. The pool has
-    ``app.config.grpc_workers`` threads; a streaming RPC holds one for its whole life.
+    ``app.config.rpc_workers`` threads; a streaming RPC holds one for its whole life.
 
     Args:
         app: the application (``config``, ``engine``, ``store``, ``adapter_cache``, ``metrics``).
@@ -59,8 +59,11 @@ def build_grpc_server(app, host: str, port: int, *, health_servicer: health.Heal
         FailedPrecondition: (field ``port``) the address cannot be bound, e.g. the port is in use.
     """
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=app.config.grpc_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=app.config.rpc_workers, thread_name_prefix="grpc"),
         interceptors=[StatusInterceptor(app.metrics)],
+        # Each RPC holds a handler thread while it waits for the engine: past that many, refuse at once
+        # (RESOURCE_EXHAUSTED) rather than queue without bound inside gRPC.
+        maximum_concurrent_rpcs=app.config.rpc_workers,
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
     )
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(app), server)
