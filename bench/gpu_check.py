@@ -151,7 +151,7 @@ def serve_and_query(base: Path, dirs: dict[str, Path], work: Path, device: str, 
     from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pbg
 
     from bench.serve_bench import run as load_test
-    from tests.e2e.server_process import start_server
+    from tests.server_process import start_server
 
     server = start_server(str(base), work / "store", work / "server.log", "--max-lora-rank", "64", device=device)
     port, mport = server.port, server.metrics_port

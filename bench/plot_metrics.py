@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[float], list[dict
     """Start the server, drive traffic, scrape; returns (seconds since start, scrapes)."""
     from server.engine.types import GenerationRequest, SamplingParams
     from server.rpc.client import Client, ClientError
-    from tests.monitoring.stack import start_server
+    from tests.server_process import start_server
 
     if args.model:
         base, sources = Path(args.model), [Path(p) for p in args.adapter_dirs]

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
-from tests.e2e.server_process import start_server
+from tests.server_process import start_server
 from tests.tiny import make_adapter, save_tiny_base
 from tests.tiny_tokenizer import save_byte_tokenizer
 

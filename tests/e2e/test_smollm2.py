@@ -6,7 +6,7 @@ import pytest
 
 from server.model.embedded import converted_dir, ensure_converted
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
-from tests.e2e.server_process import start_server
+from tests.server_process import start_server
 from tests.tiny import make_adapter
 
 QUESTION = [pb.ChatMessage(role="user", content="What is the capital of France?")]

@@ -6,19 +6,11 @@ import shutil
 import time
 
 import pytest
-import torch
 
-from server.adapters.cache import AdapterCache
-from server.adapters.store import AdapterStore
-from server.adapters.types import BaseModelSpec
-from server.config import EngineConfig
-from server.engine.engine import Engine
 from server.engine.types import ChatMessage, GenerationRequest, SamplingParams
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
-from server.metrics import Metrics
-from server.model.lora import attach_router
-from tests.tiny import TINY_NAME, load_nf4, make_adapter, save_tiny_base
-from tests.tiny_tokenizer import byte_tokenizer
+from tests.engine_harness import build_engine
+from tests.tiny import make_adapter, save_tiny_base
 
 ADAPTERS = {
     "alpha": dict(seed=11, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
@@ -37,19 +29,7 @@ def files(tmp_path_factory):
 
 def build(tmp_path, files, start=True, **engine_kw):
     """A fresh engine over its own store in ``tmp_path`` with every adapter registered."""
-    base_dir, sources = files
-    cfg = EngineConfig(**{"adapter_slots": 4, "max_lora_rank": 16, "cpu_adapter_cache": 4, **engine_kw})
-    model = load_nf4(base_dir)
-    router = attach_router(model, cfg.adapter_slots, cfg.max_lora_rank, torch.float32, cfg.max_batch_size)
-    store = AdapterStore(tmp_path / "store", BaseModelSpec.from_model(model, TINY_NAME, cfg.max_lora_rank))
-    for name, src in sources.items():
-        store.register(name, src)
-    metrics = Metrics()
-    engine = Engine(model, byte_tokenizer(), router, AdapterCache(store, router, cfg.cpu_adapter_cache, metrics),
-                    cfg, metrics, max_total_tokens=128)
-    if start:
-        engine.start()
-    return engine, store, metrics
+    return build_engine(tmp_path, *files, start=start, **engine_kw)
 
 
 def req(rid, adapter="", prompt="hello there", **params):

@@ -1,30 +1,23 @@
-"""Test helpers: a real ``qlora-server serve`` subprocess and a real Prometheus scraping it, both on 127.0.0.1."""
+"""Test helpers: a real Prometheus scraping a live server on 127.0.0.1, and the dashboards' queries to evaluate."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import queue
-import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.server_process import REPO, free_port, stop_process
+
 DASHBOARD_DIR = REPO / "deploy" / "grafana" / "dashboards"
-_READY = re.compile(r"listening on (\S+):(\d+) \(metrics on :(\d+)\)")
 #: What each Grafana variable becomes when a panel's PromQL is evaluated outside Grafana: every instance and
 #: adapter ("All"), a rate window of 1 minute (the test's traffic lies inside it) and a 5-minute range.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$instance": ".*", "$adapter": ".*"}
@@ -40,76 +33,6 @@ def prometheus_tools() -> tuple[str, str]:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@dataclass
-class Server:
-    """A running ``python -m server serve``; stderr (the logs) goes to ``log_path``."""
-
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def exposition(self) -> str:
-        """The current ``/metrics`` text."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
-            return resp.read().decode()
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-
-def start_server(model_dir: Path, adapters_dir: Path, log_path: Path, *extra: str,
-                 timeout_s: float = 120.0) -> Server:
-    """Start the server on free ports (``--port 0 --metrics-port 0``) on the CPU, with its training state next to
-    ``log_path`` (never in the repository), and wait for its announce line. ``extra`` flags come last and win."""
-    cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--device", "cpu", "--port", "0",
-           "--metrics-port", "0", "--adapters-dir", str(adapters_dir), "--host", "127.0.0.1",
-           "--state-dir", str(log_path.parent / "state"), *extra]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
-    log.close()
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            line = None
-        if line is None or time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError(f"server did not announce itself; log:\n{log_path.read_text()[-4000:]}")
-        m = _READY.search(line)
-        if m:
-            return Server(proc, int(m.group(2)), int(m.group(3)), log_path)
 
 
 class Prometheus:
@@ -157,7 +80,7 @@ class Prometheus:
         return result
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
     def _get(self, path: str, raise_errors: bool = False) -> str | None:
         try:

@@ -9,18 +9,12 @@ import logging
 import pytest
 import torch
 
-from server.adapters.cache import AdapterCache
-from server.adapters.store import AdapterStore
-from server.adapters.types import BaseModelSpec
-from server.config import EngineConfig
-from server.engine.engine import Engine
 from server.engine.types import ChatMessage, GenerationRequest, SamplingParams
 from server.errors import DeadlineExceeded
 from server.logs import REQUEST_LOGGER, JsonFormatter, RequestLog, configure_logging
 from server.metrics import COMPONENTS, MEMORY_KINDS, PHASES, TIERS, Metrics
-from server.model.lora import attach_router
-from tests.tiny import TINY_NAME, load_nf4, make_adapter, save_tiny_base
-from tests.tiny_tokenizer import byte_tokenizer
+from tests.engine_harness import build_engine
+from tests.tiny import make_adapter, save_tiny_base
 
 
 def value(metrics: Metrics, name: str, **labels) -> float | None:
@@ -111,17 +105,8 @@ def files(tmp_path_factory):
 
 
 def build(tmp_path, files, request_log=None, **engine_kw):
-    base_dir, sources = files
-    cfg = EngineConfig(**{"adapter_slots": 1, "cpu_adapter_cache": 2, "max_lora_rank": 8, **engine_kw})
-    model = load_nf4(base_dir)
-    router = attach_router(model, cfg.adapter_slots, cfg.max_lora_rank, torch.float32, cfg.max_batch_size)
-    store = AdapterStore(tmp_path / "store", BaseModelSpec.from_model(model, TINY_NAME, cfg.max_lora_rank))
-    for name, src in sources.items():
-        store.register(name, src)
-    metrics = Metrics()
-    engine = Engine(model, byte_tokenizer(), router, AdapterCache(store, router, cfg.cpu_adapter_cache, metrics),
-                    cfg, metrics, max_total_tokens=128, request_log=request_log)
-    engine.start()
+    engine, _, metrics = build_engine(tmp_path, *files, request_log=request_log,
+                                      **{"adapter_slots": 1, "cpu_adapter_cache": 2, "max_lora_rank": 8, **engine_kw})
     return engine, metrics
 
 

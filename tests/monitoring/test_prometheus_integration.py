@@ -19,13 +19,13 @@ from server.rpc.client import Client, ClientError
 from tests.monitoring.stack import (
     DASHBOARD_DIR,
     Prometheus,
-    Server,
     dashboard_queries,
     has_finite_value,
     prometheus_tools,
-    start_server,
     substitute,
 )
+from tests.server_process import ServerProcess as Server
+from tests.server_process import start_server
 from tests.tiny import make_adapter, save_tiny_base
 from tests.tiny_tokenizer import save_byte_tokenizer
 
