@@ -205,7 +205,10 @@ class AdapterStore:
         if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
             raise InvalidArgument(f"{adapter_id!r} must match {ADAPTER_ID_RE.pattern}", field="adapter_id")
         dest = self.root / adapter_id
-        if dest.exists() and (not replace or not dest.is_dir()):
+        if dest.exists() and not dest.is_dir():
+            raise InvalidArgument(f"{adapter_id!r} is taken by a file in the store that is not an adapter",
+                                  field="adapter_id")
+        if dest.exists() and not replace:
             raise AlreadyExists(f"adapter {adapter_id!r} already exists (pass replace to overwrite it)",
                                 field="adapter_id")
 

@@ -28,12 +28,13 @@ def status_code_for(error: ServerError) -> grpc.StatusCode:
 
 
 class _Outcome:
-    """Counts one RPC exactly once: with the code its handler ended with, or CANCELLED when the RPC terminated
-    (client cancel, disconnect, deadline) before the handler did."""
+    """Counts one RPC exactly once: with the code its handler ended with, or — when the RPC terminated before the
+    handler did — DEADLINE_EXCEEDED if the client's deadline had passed, else CANCELLED (cancel, disconnect)."""
 
-    def __init__(self, metrics: Metrics, method: str) -> None:
+    def __init__(self, metrics: Metrics, method: str, context: grpc.ServicerContext) -> None:
         self._metrics = metrics
         self._method = method
+        self._context = context
         self._lock = threading.Lock()
         self._done = False
 
@@ -45,7 +46,9 @@ class _Outcome:
         self._metrics.requests.labels(self._method, code).inc()
 
     def on_terminated(self) -> None:
-        self.record(grpc.StatusCode.CANCELLED.name)
+        remaining = self._context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.record((grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name)
 
 
 class StatusInterceptor(grpc.ServerInterceptor):
@@ -80,7 +83,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
         return handler
 
     def _start(self, method: str, context: grpc.ServicerContext) -> _Outcome:
-        outcome = _Outcome(self._metrics, method)
+        outcome = _Outcome(self._metrics, method, context)
         if not context.add_callback(outcome.on_terminated):
             outcome.on_terminated()
         return outcome

@@ -132,6 +132,14 @@ def test_client_cancelling_a_unary_call_cancels_the_engine_stream(generation, ap
     assert app.engine.streams[0].cancelled.wait(WAIT)
 
 
+def test_expired_client_deadline_is_counted_as_deadline_exceeded(generation, app):
+    with pytest.raises(grpc.RpcError) as info:
+        generation.Generate(pb.GenerateRequest(prompt=PROMPT_BLOCK), timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_for(lambda: _count(app, GENERATE, "DEADLINE_EXCEEDED") == 1)
+    assert not _count(app, GENERATE, "CANCELLED")
+
+
 def test_client_deadline_becomes_the_request_deadline(generation, app):
     before = time.monotonic()
     generation.Generate(pb.GenerateRequest(prompt="x"), timeout=600)
