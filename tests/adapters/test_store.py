@@ -328,3 +328,13 @@ def test_concurrent_registrations(store, good, other):
     assert hidden(store.root) == []
     for info in store.list():
         assert store.load(info.adapter_id).version == info.sha256
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_stray_file_in_the_store_is_not_an_adapter(store, good, replace):
+    (store.root / "notes.md").write_text("operator's notes")
+    with pytest.raises(InvalidArgument) as err:
+        store.register("notes.md", good, replace=replace)
+    assert err.value.field == "adapter_id"
+    assert (store.root / "notes.md").read_text() == "operator's notes"
+    assert [a.adapter_id for a in store.list()] == []
