@@ -210,14 +210,14 @@ def decode_timings(base: Path, dirs: dict[str, Path], device: str, steps: int) -
         print(f"resident after load: {torch.cuda.memory_allocated() / 2**30:.2f} GiB "
               f"(adapter banks {router.bank_bytes() / 2**30:.2f} GiB)", flush=True)
     for bs in (1, 8, 16, 32):
-        for mode in ("base", "mixed-adapters"):
+        for mode in ("base", "mixed-adapters", "base-again"):
             state = None
             for b in range(bs):
-                slot = -1 if mode == "base" else b % len(dirs)
+                slot = -1 if mode.startswith("base") else b % len(dirs)
                 router.set_rows([slot])
                 one, _ = kv.prefill(model, [list(range(10, 10 + 64))])
                 state = kv.concatenate(state, one)
-            slots = [-1 if mode == "base" else b % len(dirs) for b in range(bs)]
+            slots = [-1 if mode.startswith("base") else b % len(dirs) for b in range(bs)]
             times = []
             for i in range(steps):
                 router.set_rows(slots)
