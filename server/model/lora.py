@@ -4,15 +4,17 @@ One forward pass serves a batch whose rows use different adapters (or none). For
 base weight W (NF4, frozen), and S slots of rank at most R, the banks hold
 
     A_cat: [S·R, in]   (slot s owns rows s·R … s·R+r_s-1; the rest are zero)
-    B_cat: [out, S·R]  (slot s owns columns s·R … s·R+r_s-1; the rest are zero)
-    scale: [S]         (alpha/r, or alpha/sqrt(r) for rsLoRA, of this module in slot s)
+    B_cat: [out, S·R]  (slot s owns columns s·R … s·R+r_s-1, holding scale_s · B_s; the rest are zero)
 
-and for input x of row b with slot s_b (or none):
+with scale_s = alpha/r (or alpha/sqrt(r) for rsLoRA) of this module in slot s folded into B, and for input x of
+row b with slot s_b (or none):
 
-    y_b = W x_b + B_cat · (m_b ⊙ (A_cat · x_b)),   m_b[j] = scale[s_b] if j // R == s_b else 0
+    y_b = W x_b + B_cat · (m_b ⊙ (A_cat · x_b)),   m_b[j] = 1 if j // R == s_b else 0
 
 which equals W x_b + scale·B_s A_s x_b, PEFT's LoRA forward (``peft.tuners.lora.Linear.forward``), because the
-zero padding and the masked-out slots contribute exact zeros. Shapes are static for a given batch size and the
+zero padding and the masked-out slots contribute exact zeros. The mask m is the same for every layer, so the
+router builds it once per routing change; a layer adds six small ops (two casts, two matmuls, a multiply, an
+add) to its base matmul. Shapes are static for a given batch size and the
 routing is a tensor (no ``.item()``, no per-slot Python branches), so a decode step stays capturable in a CUDA
 graph. The cost is two dense matmuls of width S·R per layer, the same work as one rank-S·R LoRA; rows without
 an adapter just get a zero mask. Slot loading happens between steps, never inside one.
@@ -54,7 +56,6 @@ class RoutedLoraLinear(nn.Module):
                              persistent=False)
         self.register_buffer("lora_B", torch.zeros(self.out_features, slots * max_rank, dtype=dtype, device=device),
                              persistent=False)
-        self.register_buffer("lora_scale", torch.zeros(slots, dtype=dtype, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[B, T, in]`` in the compute dtype → ``[B, T, out]`` in the base layer's output dtype."""
@@ -62,24 +63,21 @@ class RoutedLoraLinear(nn.Module):
         router = self._router[0]
         if not router.active:
             return y
-        onehot = router.row_onehot  # [B, S], lora dtype
-        mask = (onehot * self.lora_scale).repeat_interleave(self.max_rank, dim=1)  # [B, S·R]
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # [B, T, S·R]
-        h = h * mask.unsqueeze(1)
+        h = h * router.row_mask  # [B, 1, S·R]: keep only each row's own slot
         return y + F.linear(h, self.lora_B).to(y.dtype)
 
     def write_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
-        """Copy one adapter's factors into ``slot`` (zeros if ``A`` is None). A: ``[r, in]``, B: ``[out, r]``."""
+        """Copy one adapter's factors into ``slot`` (zeros if ``A`` is None). A: ``[r, in]``, B: ``[out, r]``;
+        ``scale`` is folded into B."""
         lo, hi = slot * self.max_rank, (slot + 1) * self.max_rank
         self.lora_A[lo:hi].zero_()
         self.lora_B[:, lo:hi].zero_()
         if A is None:
-            self.lora_scale[slot] = 0.0
             return
         r = A.shape[0]
-        self.lora_A[lo:lo + r].copy_(A, non_blocking=True)
-        self.lora_B[:, lo:lo + r].copy_(B, non_blocking=True)
-        self.lora_scale[slot] = float(scale)
+        self.lora_A[lo:lo + r].copy_(A)
+        self.lora_B[:, lo:lo + r].copy_(B.to(self.lora_B.dtype) * scale)
 
 
 class LoraRouter:
@@ -100,8 +98,8 @@ class LoraRouter:
         self.modules: dict[str, RoutedLoraLinear] = {}
         self.active = False
         # Preallocated so a captured graph can read a fixed buffer; a step writes it with one copy.
-        self._onehot = torch.zeros(max_batch_size, slots, dtype=dtype, device=device)
-        self.row_onehot = self._onehot[:0]
+        self._mask = torch.zeros(max_batch_size, 1, slots * max_rank, dtype=dtype, device=device)
+        self.row_mask = self._mask[:0]
         self._last_rows: tuple[int, ...] | None = None
 
     def set_rows(self, row_slots: list[int]) -> None:
@@ -114,21 +112,21 @@ class LoraRouter:
         key = tuple(row_slots)
         if key == self._last_rows:
             return  # same routing as the previous step: skip the host-to-device copy
-        if n > self._onehot.shape[0]:
-            raise ValueError(f"batch of {n} rows exceeds max_batch_size {self._onehot.shape[0]}")
+        if n > self._mask.shape[0]:
+            raise ValueError(f"batch of {n} rows exceeds max_batch_size {self._mask.shape[0]}")
         if any(s >= self.slots or s < -1 for s in row_slots):
             raise ValueError(f"slot out of range in {row_slots}")
         self._last_rows = key
         self.active = any(s >= 0 for s in row_slots)
         if not self.active:
-            self.row_onehot = self._onehot[:n]
+            self.row_mask = self._mask[:n]
             return
-        table = torch.zeros(n, self.slots, dtype=self.dtype)
+        table = torch.zeros(n, 1, self.slots * self.max_rank, dtype=self.dtype)
         for b, s in enumerate(row_slots):
             if s >= 0:
-                table[b, s] = 1.0
-        self._onehot[:n].copy_(table, non_blocking=True)
-        self.row_onehot = self._onehot[:n]
+                table[b, 0, s * self.max_rank:(s + 1) * self.max_rank] = 1.0
+        self._mask[:n].copy_(table)  # one host-to-device copy per routing change
+        self.row_mask = self._mask[:n]
 
     def load(self, slot: int, adapter: LoadedAdapter) -> None:
         """Write ``adapter`` into ``slot`` of every bank; modules it does not target get zeros.
@@ -155,7 +153,7 @@ class LoraRouter:
 
     def bank_bytes(self) -> int:
         """Bytes of all preallocated banks (the adapter cache's accelerator footprint)."""
-        return sum(l.lora_A.nbytes + l.lora_B.nbytes + l.lora_scale.nbytes for l in self.modules.values())
+        return sum(layer.lora_A.nbytes + layer.lora_B.nbytes for layer in self.modules.values())
 
 
 def routable_modules(model: nn.Module) -> dict[str, nn.Module]:
