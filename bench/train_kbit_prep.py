@@ -6,7 +6,10 @@ Runs the trainer (``trainer.train.train``) on the extraction demo with the model
 * ``peft``       — peft.prepare_model_for_kbit_training (every non-4-bit parameter up-cast to float32,
                    reentrant checkpointing), bitsandbytes CPU repacking still disabled;
 * ``peft_fp32``  — the same with compute_dtype float32;
-* ``upcast``     — ours + only the float32 up-cast of norms/embeddings/lm_head (isolates the dtype change).
+* ``upcast``     — ours + only the float32 up-cast of norms/embeddings/lm_head (isolates the dtype change);
+* ``*_amp``      — any of the above with ``TrainingArguments(bf16=True)``: torch.autocast(cpu, bfloat16) around the
+                   forward pass, as a "bf16" Trainer/TRL run does;
+* ``*_repack``   — any of the above with bitsandbytes' CPU weight repacking left on and an evaluation every 10 steps.
 
 and scores greedy held-out exact match afterwards. Usage:
 ``python bench/train_kbit_prep.py VARIANT [--steps 50] [--out /tmp/kbit]``; prints one JSON line.
@@ -33,7 +36,7 @@ def main() -> None:
     from trainer.config import TrainConfig
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=["ours", "peft", "peft_fp32", "upcast"])
+    ap.add_argument("variant", help="ours | peft | peft_fp32 | upcast, optionally + _amp and/or _repack")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("/tmp/kbit"))
     ap.add_argument("--eval-limit", type=int, default=100)
@@ -54,19 +57,36 @@ def main() -> None:
                 p.data = p.data.to(torch.float32)
         return model
 
-    if args.variant in ("peft", "peft_fp32"):
+    base_variant = args.variant.replace("_amp", "").replace("_repack", "")
+    if base_variant in ("peft", "peft_fp32"):
         tt.prepare_for_qlora_training = peft_prepare
-    elif args.variant == "upcast":
+    elif base_variant == "upcast":
         tt.prepare_for_qlora_training = upcast
+    elif base_variant != "ours":
+        raise SystemExit(f"unknown variant {args.variant}")
+    if "_amp" in args.variant:
+        make_args = tt.TrainingSession._training_args
+
+        def amp_args(self, n_eval):
+            import dataclasses
+
+            return dataclasses.replace(make_args(self, n_eval), bf16=True)
+
+        tt.TrainingSession._training_args = amp_args
+    if "_repack" in args.variant:
+        tt.disable_cpu_weight_repacking = lambda model: 0
     data = ROOT / "examples" / "extraction"
     out = args.out / args.variant
     cfg = TrainConfig(dataset=data / "train.jsonl", output_dir=out, max_steps=args.steps, batch_size=8,
                       learning_rate=2e-4, r=16, lora_alpha=32, save_steps=10_000, logging_steps=5,
-                      eval_fraction=0.1, compute_dtype="float32" if args.variant == "peft_fp32" else "bfloat16",
-                      seed=0)
-    events = []
+                      eval_fraction=0.1, compute_dtype="float32" if base_variant == "peft_fp32" else "bfloat16",
+                      seed=0, eval_steps=10 if "_repack" in args.variant else 0)
+    def show(ev):
+        if ev["event"] == "step":
+            print(f"{args.variant} step {ev['step']} loss {ev['loss']:.4f} t {ev['elapsed_seconds']:.0f}s", flush=True)
+
     t0 = time.monotonic()
-    session = tt.TrainingSession(cfg, on_progress=events.append)
+    session = tt.TrainingSession(cfg, on_progress=show)
     result = session.run()
     train_s = time.monotonic() - t0
     from evaluate import evaluate, load_cases

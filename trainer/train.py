@@ -471,7 +471,7 @@ class TrainingSession:
         if checkpoint is not None:
             log.info("resuming from %s", checkpoint)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-        if monitor.stopped:
+        if monitor.stopped and trainer.state.global_step < trainer.state.max_steps:
             raise Cancelled(f"stopped on request at step {trainer.state.global_step}; a checkpoint was saved and "
                             "resume=True continues from it")
         if not monitor.history:

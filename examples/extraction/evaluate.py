@@ -1,8 +1,8 @@
 """Scores a model's greedy replies on the extraction task: exact match of the parsed JSON object.
 
 ``python examples/extraction/evaluate.py [--model smollm2] [--adapter DIR] [--data heldout.jsonl]`` loads the base
-model exactly as the server does (NF4, double quant, bf16 compute), optionally a PEFT adapter on top, generates
-greedily for every held-out prompt and prints the score. ``check_reply`` is the checker; ``evaluate`` the
+model exactly as the server does (NF4, double quant, bf16 compute), scores it, then (with ``--adapter``) applies the
+PEFT adapter in the same process and scores again: greedy decoding of every held-out prompt, one JSON line each. ``check_reply`` is the checker; ``evaluate`` the
 in-process scorer others can call with any (model, tokenizer).
 """
 
@@ -90,19 +90,25 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=HERE / "heldout.jsonl")
     ap.add_argument("--limit", type=int, default=0, help="score only the first N cases")
     ap.add_argument("--show", type=int, default=3, help="print N sample replies")
+    ap.add_argument("--skip-base", action="store_true", help="with --adapter: do not score the bare base model")
     args = ap.parse_args()
     cases = load_cases(args.data)[: args.limit or None]
     model, tok, _ = load_base_model(ModelConfig(model=args.model))
+
+    def report(label: str, res: dict) -> None:
+        for reply, ok in res["samples"][: args.show]:
+            print(f"  {'OK ' if ok else 'BAD'} {reply!r}")
+        print(json.dumps({"model": label, "n": res["n"], "exact_match": round(res["exact_match"], 4),
+                          "valid_json": round(res["valid_json"], 4), "seconds": round(res["seconds"], 1)}),
+              flush=True)
+
+    if not args.skip_base:
+        report(args.model, evaluate(model, tok, cases))
     if args.adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(args.adapter))
-    res = evaluate(model, tok, cases)
-    for reply, ok in res["samples"][: args.show]:
-        print(f"{'OK ' if ok else 'BAD'} {reply!r}")
-    label = f"{args.model} + {args.adapter}" if args.adapter else args.model
-    print(json.dumps({"model": label, "n": res["n"], "exact_match": round(res["exact_match"], 4),
-                      "valid_json": round(res["valid_json"], 4), "seconds": round(res["seconds"], 1)}))
+        report(f"{args.model} + {args.adapter}", evaluate(model, tok, cases))
 
 
 if __name__ == "__main__":
