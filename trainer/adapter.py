@@ -110,6 +110,7 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter is meant to be read by the server
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

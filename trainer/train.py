@@ -133,6 +133,18 @@ def lora_config(config: TrainConfig):
                       use_rslora=config.use_rslora, bias="none", task_type="CAUSAL_LM")
 
 
+def _library_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
 def _dtype_report(model: torch.nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for p in model.parameters():
@@ -412,7 +424,14 @@ class TrainingSession:
             peft_cfg.base_model_name_or_path = self.model_name
         hyper = {k: v for k, v in cfg.to_dict().items()
                  if k not in ("dataset", "eval_dataset", "output_dir", "cache_dir", "adapter_id", "device")}
+        if hyper["target_modules"] is None:
+            hyper["target_modules"] = "all linear layers of the blocks"
+        if cfg.init_adapter is None:
+            del hyper["init_adapter"]
+        else:
+            hyper["init_adapter"] = cfg.init_adapter.name
         hyper["quantization"] = "nf4, double quant"
+        hyper["libraries"] = _library_versions()
         card = model_card(cfg.adapter_id, str(self.model_name), data_sha, eval_sha, hyper, result_fields)
 
         def fill(tmp: Path) -> None:
@@ -488,7 +507,8 @@ class TrainingSession:
         steps = int(trainer.state.global_step)
         results = {"steps": steps, "final train loss": f"{train_loss:.4f}",
                    "eval loss": "n/a" if eval_loss is None else f"{eval_loss:.4f}",
-                   "train examples": len(train_ex), "eval examples": len(eval_ex)}
+                   "train examples": len(train_ex), "eval examples": len(eval_ex),
+                   "wall seconds (this call)": f"{time.monotonic() - t0:.0f}"}
         adapter_dir = self._write_adapter(model, results, data_sha, eval_sha)
         result = TrainResult(adapter_dir=adapter_dir, train_loss=train_loss, eval_loss=eval_loss, steps=steps,
                              seconds=time.monotonic() - t0, data_sha256=data_sha,

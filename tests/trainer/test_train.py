@@ -186,6 +186,7 @@ def test_output_is_a_peft_adapter_with_same_logits_as_in_memory_model(tiny_model
     assert sorted(p.name for p in result.adapter_dir.iterdir()) == \
         ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert not list(cfg.output_dir.glob(".adapter.tmp-*"))
+    assert result.adapter_dir.stat().st_mode & 0o777 == 0o755  # readable by a server running as another user
     card = (result.adapter_dir / "README.md").read_text()
     assert result.data_sha256 in card and f"{result.train_loss:.4f}" in card and "use_rslora" in card
 
