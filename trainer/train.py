@@ -310,6 +310,7 @@ class TrainingSession:
     Attributes (after ``run()``):
         model: the ``PeftModel`` (NF4 base + trained LoRA), in eval mode.
         tokenizer: its tokenizer.
+        trainer: the ``transformers.Trainer`` that ran (optimizer, scheduler, state).
         model_name: the base model's name as recorded in the adapter (hub id for the embedded model).
     """
 
@@ -321,6 +322,7 @@ class TrainingSession:
         self.should_stop = should_stop
         self.model = None
         self.tokenizer = None
+        self.trainer = None
         self.model_name: str | None = None
 
     # -- steps -----------------------------------------------------------------------------------------------
@@ -486,6 +488,7 @@ class TrainingSession:
             monitor=monitor,
         )
         trainer.remove_callback(PrinterCallback)
+        self.trainer = trainer
         resumed_from = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
         if checkpoint is not None:
             log.info("resuming from %s", checkpoint)

@@ -148,7 +148,8 @@ def test_stop_request_checkpoints_and_resume_finishes(tiny_model_dir, learnable_
     seen = []
     with pytest.raises(Cancelled, match="step 5"):
         train(cfg, on_progress=seen.append, should_stop=lambda: len(seen) >= 5)
-    assert (cfg.checkpoint_dir / "checkpoint-5" / "optimizer.pt").is_file()
+    assert all((cfg.checkpoint_dir / "checkpoint-5" / f).is_file()
+               for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.safetensors"))
     resumed = train(cfg, resume=True)
     assert resumed.steps == 8 and resumed.resumed_from_step == 5
     a, b = _adapter_tensors(ref.adapter_dir), _adapter_tensors(resumed.adapter_dir)
@@ -289,3 +290,47 @@ def test_eval_pass_does_not_cut_gradients_through_base_layers(tiny_model_dir):
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                    for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     torch.testing.assert_close(input_grad(), before, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model preparation and optimizer
+
+
+def test_preparation_keeps_served_dtypes_and_uses_non_reentrant_checkpointing(tiny_model_dir):
+    import bitsandbytes as bnb
+    from peft import get_peft_model
+
+    from server.config import ModelConfig
+    from server.model.base import load_base_model
+    from trainer.config import TrainConfig
+    from trainer.train import lora_config, prepare_for_qlora_training
+
+    model, _, _ = load_base_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+    served = {n: p.dtype for n, p in model.named_parameters()}
+    prepare_for_qlora_training(model, gradient_checkpointing=True)
+    assert {n: p.dtype for n, p in model.named_parameters()} == served  # no float32 up-cast of norms/embeddings
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in model.parameters())
+    layer = model.model.layers[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["use_reentrant"] is False
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=Path("d.jsonl"), output_dir=Path("o"), r=4)
+    peft_model = get_peft_model(model, lora_config(cfg))
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+    targeted = {n.split(".")[-4] for n in trainable}  # ...q_proj.lora_A.default.weight
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # not lm_head
+
+
+@pytest.mark.parametrize("optim,state_dtype", [("paged_adamw_8bit", torch.uint8), ("paged_adamw_32bit", torch.float32)])
+def test_bitsandbytes_paged_adamw_8_and_32_bit(tiny_model_dir, learnable_data, tmp_path, optim, state_dtype):
+    import bitsandbytes as bnb
+
+    session = TrainingSession(tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=2, optim=optim,
+                                          r=64))
+    session.run()
+    opt = session.trainer.optimizer.optimizer  # accelerate wraps the bitsandbytes optimizer
+    assert isinstance(opt, bnb.optim.optimizer.Optimizer8bit)
+    states = [s["state1"] for s in opt.state.values() if "state1" in s]
+    assert states and any(s.dtype == state_dtype for s in states)
