@@ -56,7 +56,7 @@ def main() -> None:
         if p.dtype == torch.bfloat16 and p.__class__.__name__ != "Params4bit":
             p.data = p.data.to(torch.float32)
     upcast = logprobs()
-    nll = lambda rows: float(torch.cat([-lp.gather(1, y[:, None])[:, 0] for lp, y in rows]).mean())  # noqa: E731
+    nll = lambda rows: float(torch.cat([-lp.gather(1, y[:, None])[:, 0] for lp, y in rows]).mean())
     diffs = torch.cat([(a[0] - b[0]).abs().flatten() for a, b in zip(served, upcast)])
     agree = torch.cat([a[0].argmax(-1) == b[0].argmax(-1) for a, b in zip(served, upcast)]).float().mean()
     print(json.dumps({"adapter": str(args.adapter), "n": len(data), "nll_served": nll(served),

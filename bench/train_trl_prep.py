@@ -25,11 +25,11 @@ def main() -> None:
     """Run one arm and print its losses and score."""
     import torch
     from datasets import Dataset
+    from evaluate import evaluate, load_cases
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from evaluate import evaluate, load_cases
     from server.config import ModelConfig
     from server.model.base import load_base_model
 
@@ -45,7 +45,8 @@ def main() -> None:
     model, tok, _ = load_base_model(ModelConfig(compute_dtype=args.compute, device="cpu"))
     if args.arm == "prepare":
         model = prepare_model_for_kbit_training(model)
-    rows = [json.loads(line) for line in open(ROOT / "examples" / "extraction" / "train.jsonl")]
+    with open(ROOT / "examples" / "extraction" / "train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
     ds = Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
     losses = []
 

@@ -196,12 +196,12 @@ class TrainConfig:
             out[f.name] = value
         return out
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """Return a copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
         """Build from a mapping. Relative paths are taken relative to ``base_dir`` when given.
 
         Raises:
@@ -235,7 +235,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
+    def from_file(cls, path: str | Path) -> TrainConfig:
         """Load a ``.yaml``/``.yml`` or ``.json`` file; relative paths in it are relative to the file's directory.
 
         Raises:

@@ -7,15 +7,21 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from server.errors import AlreadyExists, Cancelled, FailedPrecondition, ServerError
 from trainer import data as data_mod
-from trainer.adapter import inspect_adapter, model_card, remove_stale_temps, write_atomically
+from trainer.adapter import (
+    inspect_adapter,
+    model_card,
+    remove_stale_temps,
+    write_atomically,
+)
 from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)

@@ -83,8 +83,7 @@ def main() -> None:
     train, heldout = generate(args.n_train, args.n_heldout, args.seed)
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
         with open(args.out_dir / name, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         print(f"wrote {len(rows)} examples to {args.out_dir / name}")
 
 

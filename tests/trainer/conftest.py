@@ -65,8 +65,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def write_jsonl(path: Path, rows) -> Path:
     """Write ``rows`` (dicts, or raw strings written as-is) one per line."""
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+        f.writelines((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
     return path
 
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import build_tokenizer, write_jsonl
+
 from server.errors import InvalidArgument
-from trainer.data import (IGNORE_INDEX, DataError, Example, load_tokenized, read_jsonl, split_train_eval,
-                          tokenize_example)
+from trainer.data import (
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    load_tokenized,
+    read_jsonl,
+    split_train_eval,
+    tokenize_example,
+)
 
 PC = {"prompt": "hi there", "completion": "OK"}
 

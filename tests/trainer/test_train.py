@@ -8,12 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from conftest import learnable_rows, loss_fell, tiny_config, write_jsonl
+
 from server.errors import AlreadyExists, Cancelled, FailedPrecondition
 from trainer.adapter import inspect_adapter
 from trainer.data import DataError
-from trainer.train import TrainingDiverged, TrainingSession, disable_cpu_weight_repacking, train
+from trainer.train import (
+    TrainingDiverged,
+    TrainingSession,
+    disable_cpu_weight_repacking,
+    train,
+)
 
 
 def _adapter_tensors(adapter_dir):
