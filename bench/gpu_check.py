@@ -86,7 +86,7 @@ def load_nf4(base: Path, device: str):
     from server.model.base import quantization_config
 
     return AutoModelForCausalLM.from_pretrained(
-        base, quantization_config=quantization_config(ModelConfig(model=str(base))), dtype=torch.bfloat16,
+        base, quantization_config=quantization_config(ModelConfig(model=str(base)), "bfloat16"), dtype=torch.bfloat16,
         device_map={"": device}, attn_implementation="sdpa").eval().requires_grad_(False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import threading
@@ -65,6 +66,8 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     engine_cfg = config.engine
     router = attach_router(model, engine_cfg.adapter_slots, engine_cfg.max_lora_rank,
                            getattr(torch, config.model.lora_dtype), engine_cfg.max_batch_size)
+    # "auto" resolved by the model loader; a caller-built BaseModelInfo (tests) leaves it to the config.
+    compute_dtype = base_info.compute_dtype or config.model.compute_dtype
     spec = BaseModelSpec.from_model(model, base_info.name, engine_cfg.max_lora_rank)
     store = AdapterStore(config.adapters_dir, spec)
     cache = AdapterCache(store, router, engine_cfg.cpu_adapter_cache, metrics)
@@ -76,7 +79,8 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
         "device": str(base_info.device),
         "quant_type": config.model.quant_type,
         "double_quant": str(config.model.double_quant).lower(),
-        "compute_dtype": config.model.compute_dtype,
+        "compute_dtype": compute_dtype,
+        "compute_dtype_reason": base_info.compute_dtype_reason or f"{compute_dtype} as configured",
         "lora_dtype": config.model.lora_dtype,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -91,7 +95,7 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
     try:
         training = TrainingManager(store, JobStore(config.state_dir / DB_FILE), config.state_dir, metrics,
-                                   model_config=config.model).start()
+                                   model_config=dataclasses.replace(config.model, compute_dtype=compute_dtype)).start()
     except BaseException:
         cache.close()
         raise

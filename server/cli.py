@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from server.config import EMBEDDED_MODEL, EngineConfig, ModelConfig, ServerConfig
+from server.config import COMPUTE_DTYPES, EMBEDDED_MODEL, EngineConfig, ModelConfig, ServerConfig
 from server.errors import ServerError
 from server.training.commands import add_jobs_command, add_train_command
 
@@ -42,7 +42,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, default=None, help="training jobs' database and outputs")
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are cached")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--compute-dtype", default="bfloat16", help="bfloat16, float16 or float32 (default bfloat16)")
+    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
+                   help="auto (default: bfloat16 where the device runs it natively — CUDA with bf16, CPUs with "
+                        "AVX512-BF16/AMX — else float32, float16 on older GPUs), bfloat16, float16 or float32")
     p.add_argument("--adapter-slots", type=int, default=None, help="adapters resident on the accelerator at once")
     p.add_argument("--cpu-adapter-cache", type=int, default=None,
                    help="adapters kept in host memory (default: the larger of 32 and --adapter-slots)")

@@ -13,6 +13,8 @@ from server.errors import InvalidArgument
 EMBEDDED_MODEL = "smollm2"
 
 _DTYPES = ("bfloat16", "float16", "float32")
+#: Accepted ``compute_dtype`` values: ``"auto"`` is resolved per device when the model loads.
+COMPUTE_DTYPES = ("auto", *_DTYPES)
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -28,7 +30,9 @@ class ModelConfig:
     Attributes:
         model: local directory, hub id (ordinary ``from_pretrained`` path) or ``"smollm2"`` for the embedded default.
         compute_dtype: dtype of the bitsandbytes 4-bit matmul's compute (``bnb_4bit_compute_dtype``) and of
-            every unquantized weight (embeddings, norms).
+            every unquantized weight (embeddings, norms). ``"auto"`` (default) picks bfloat16 where the device runs
+            it natively (CUDA with bf16 support, CPUs with AVX512-BF16 or AMX) and float32 (float16 on older GPUs)
+            elsewhere, at load time: ``server.model.dtype``.
         quant_type: ``"nf4"`` (QLoRA's 4-bit NormalFloat) or ``"fp4"``.
         double_quant: quantize the per-block absmax constants too (QLoRA section 3: ~0.37 bits/param saved).
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
@@ -38,7 +42,7 @@ class ModelConfig:
     """
 
     model: str = EMBEDDED_MODEL
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
     quant_type: str = "nf4"
     double_quant: bool = True
     device: str = "auto"
@@ -47,7 +51,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a directory, a hub id or 'smollm2'")
-        _require(self.compute_dtype in _DTYPES, "compute_dtype", f"must be one of {_DTYPES}")
+        _require(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"must be one of {COMPUTE_DTYPES}")
         _require(self.lora_dtype in _DTYPES, "lora_dtype", f"must be one of {_DTYPES}")
         _require(self.quant_type in ("nf4", "fp4"), "quant_type", "must be 'nf4' or 'fp4'")
         _require(

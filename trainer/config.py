@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.config import ADAPTER_ID_RE, EMBEDDED_MODEL, ModelConfig
+from server.config import ADAPTER_ID_RE, COMPUTE_DTYPES, EMBEDDED_MODEL, ModelConfig
 from server.errors import InvalidArgument
 
 #: Optimizers the trainer accepts: bitsandbytes' paged AdamW with 8-bit or 32-bit state (names as in
@@ -17,7 +17,6 @@ from server.errors import InvalidArgument
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
 #: Learning-rate schedules (``transformers.get_scheduler`` names); the default is the QLoRA paper's constant LR.
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
-_DTYPES = ("bfloat16", "float16", "float32")
 _PATH_FIELDS = ("dataset", "eval_dataset", "output_dir", "cache_dir", "init_adapter")
 
 
@@ -75,7 +74,9 @@ class TrainConfig:
         save_total_limit: checkpoints kept (oldest deleted first).
         logging_steps: record the mean training loss in the trainer state every N steps.
         zero_loss_patience: stop with an error when the training loss is exactly 0 on this many consecutive steps.
-        compute_dtype: bitsandbytes 4-bit compute dtype and dtype of every unquantized base weight.
+        compute_dtype: bitsandbytes 4-bit compute dtype and dtype of every unquantized base weight; ``"auto"``
+            (default) resolves on the training device exactly as the server does (``server.model.dtype``), so a
+            trainer and a server on the same machine use the same dtype.
         gradient_checkpointing: recompute block activations in the backward pass (non-reentrant).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         cache_dir: where the embedded model is converted to (as the server's ``ModelConfig.cache_dir``).
@@ -111,7 +112,7 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 10
     zero_loss_patience: int = 3
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
     gradient_checkpointing: bool = True
     device: str = "auto"
     cache_dir: Path = field(default_factory=_default_cache_dir)
@@ -166,7 +167,7 @@ class TrainConfig:
             _require(isinstance(getattr(self, name), bool), name, "must be true or false")
         _require(self.optim in OPTIMIZERS, "optim", f"must be one of {OPTIMIZERS}")
         _require(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {SCHEDULERS}")
-        _require(self.compute_dtype in _DTYPES, "compute_dtype", f"must be one of {_DTYPES}")
+        _require(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"must be one of {COMPUTE_DTYPES}")
         self.model_config()  # validates device (and re-checks model / compute_dtype) with the server's rules
 
     def model_config(self) -> ModelConfig:

@@ -330,6 +330,7 @@ class TrainingSession:
         self.tokenizer = None
         self.trainer = None
         self.model_name: str | None = None
+        self.compute_dtype: str | None = None  # the resolved compute dtype and why, for the model card
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -372,6 +373,7 @@ class TrainingSession:
         from server.model.base import load_base_model
 
         base, _, info = load_base_model(self.config.model_config())
+        self.compute_dtype = f"{info.compute_dtype} ({info.compute_dtype_reason})"
         prepare_for_qlora_training(base, self.config.gradient_checkpointing)
         import transformers
 
@@ -438,6 +440,8 @@ class TrainingSession:
             del hyper["init_adapter"]
         else:
             hyper["init_adapter"] = cfg.init_adapter.name
+        if self.compute_dtype is not None:
+            hyper["compute_dtype"] = self.compute_dtype
         hyper["quantization"] = "nf4, double quant"
         hyper["libraries"] = _library_versions()
         card = model_card(cfg.adapter_id, str(self.model_name), data_sha, eval_sha, hyper, result_fields)

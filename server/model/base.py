@@ -11,6 +11,7 @@ import torch
 from server.config import EMBEDDED_MODEL, ModelConfig
 from server.errors import FailedPrecondition
 from server.model import embedded
+from server.model.dtype import resolve_compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ class BaseModelInfo:
         weight_bytes: bytes of all parameters and buffers (4-bit packed weights count at their packed size).
         model_type: ``config.model_type`` (e.g. ``"llama"``).
         max_positions: ``config.max_position_embeddings`` (tokens).
+        compute_dtype: the compute dtype the model was loaded in (``"auto"`` resolved, see ``server.model.dtype``);
+            empty when the caller built this record itself (tests).
+        compute_dtype_reason: why that dtype was chosen (one sentence).
     """
 
     name: str
@@ -34,6 +38,8 @@ class BaseModelInfo:
     weight_bytes: int
     model_type: str
     max_positions: int
+    compute_dtype: str = ""
+    compute_dtype_reason: str = ""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -58,21 +64,29 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str]:
     return cfg.model, cfg.model
 
 
-def quantization_config(cfg: ModelConfig):
-    """The bitsandbytes 4-bit config shared by the server and the trainer (identical numerics both sides)."""
+def quantization_config(cfg: ModelConfig, compute_dtype: str):
+    """The bitsandbytes 4-bit config shared by the server and the trainer (identical numerics both sides).
+
+    Args:
+        cfg: quantization settings (``quant_type``, ``double_quant``).
+        compute_dtype: the resolved compute dtype (``"bfloat16"``, ``"float16"`` or ``"float32"``, never
+            ``"auto"``: see ``server.model.dtype.resolve_compute_dtype``).
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
         bnb_4bit_quant_storage=torch.uint8,
     )
 
 
 def load_base_model(cfg: ModelConfig):
-    """Load the tokenizer and the NF4 base model, in eval mode with gradients off.
+    """Load the tokenizer and the NF4 base model, in eval mode with gradients off, in the compute dtype that
+    ``server.model.dtype.resolve_compute_dtype`` picks for ``cfg.compute_dtype`` on this device (the server and the
+    trainer both load through here, so they pick the same dtype on the same machine).
 
     Returns:
         ``(model, tokenizer, info)``; every ``nn.Linear`` of the decoder blocks is a ``bitsandbytes.nn.Linear4bit``.
@@ -83,13 +97,14 @@ def load_base_model(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(cfg.device)
+    choice = resolve_compute_dtype(cfg.compute_dtype, device)
     path, name = resolve_source(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            quantization_config=quantization_config(cfg),
-            dtype=getattr(torch, cfg.compute_dtype),
+            quantization_config=quantization_config(cfg, choice.dtype),
+            dtype=getattr(torch, choice.dtype),
             device_map={"": device},
             attn_implementation="sdpa",
         )
@@ -108,9 +123,11 @@ def load_base_model(cfg: ModelConfig):
         weight_bytes=int(weight_bytes),
         model_type=str(getattr(model.config, "model_type", "")),
         max_positions=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+        compute_dtype=choice.dtype,
+        compute_dtype_reason=choice.reason,
     )
     log.info("base model %s loaded on %s: %.1f MiB of weights (%s, double_quant=%s, compute %s)",
-             name, device, weight_bytes / 2**20, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
+             name, device, weight_bytes / 2**20, cfg.quant_type, cfg.double_quant, choice.dtype)
     return model, tokenizer, info
 
 

@@ -179,6 +179,8 @@ def test_every_training_panel_returns_data(stack):
 def test_exposition_passes_promtool(stack):
     text = stack.server.exposition()
     assert "qlora_server_build_info{" in text
+    # "auto" is resolved at start-up: build_info names the dtype in use and why.
+    assert 'compute_dtype_reason="auto: ' in text and 'compute_dtype="auto"' not in text
     run = subprocess.run([stack.promtool, "check", "metrics"], input=text, capture_output=True, text=True,
                          timeout=60)
     assert (run.returncode, run.stdout + run.stderr) == (0, "")

@@ -17,7 +17,7 @@ def test_defaults_follow_qlora_paper():
     cfg = TrainConfig(dataset=Path("d.jsonl"), output_dir=Path("o"))
     assert (cfg.model, cfg.learning_rate, cfg.max_grad_norm, cfg.lr_scheduler, cfg.optim) == \
         ("smollm2", 2e-4, 0.3, "constant_with_warmup", "paged_adamw_8bit")
-    assert cfg.target_modules is None and cfg.compute_dtype == "bfloat16"
+    assert cfg.target_modules is None and cfg.compute_dtype == "auto"
     assert cfg.adapter_dir == Path("o/adapter") and cfg.checkpoint_dir == Path("o/checkpoints")
 
 

@@ -195,6 +195,8 @@ def test_output_is_a_peft_adapter_with_same_logits_as_in_memory_model(tiny_model
     assert result.adapter_dir.stat().st_mode & 0o777 == 0o755  # readable by a server running as another user
     card = (result.adapter_dir / "README.md").read_text()
     assert result.data_sha256 in card and f"{result.train_loss:.4f}" in card and "use_rslora" in card
+    served_dtype = str(session.model.get_base_model().model.norm.weight.dtype).removeprefix("torch.")
+    assert f"| compute_dtype | {served_dtype} (auto: " in card  # the resolved dtype and why, not "auto"
 
     summary = inspect_adapter(result.adapter_dir)
     assert (summary.r, summary.lora_alpha, summary.use_rslora) == (8, 16.0, True)
@@ -310,7 +312,9 @@ def test_preparation_keeps_served_dtypes_and_uses_non_reentrant_checkpointing(ti
     from trainer.config import TrainConfig
     from trainer.train import lora_config, prepare_for_qlora_training
 
-    model, _, _ = load_base_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+    # bfloat16 explicitly (not "auto", which is float32 on CPUs without native bf16): the up-cast this guards against
+    # only shows in a 16-bit model.
+    model, _, _ = load_base_model(ModelConfig(model=str(tiny_model_dir), device="cpu", compute_dtype="bfloat16"))
     served = {n: p.dtype for n, p in model.named_parameters()}
     prepare_for_qlora_training(model, gradient_checkpointing=True)
     assert {n: p.dtype for n, p in model.named_parameters()} == served  # no float32 up-cast of norms/embeddings
