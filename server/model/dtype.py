@@ -52,7 +52,7 @@ def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 def choose_compute_dtype(requested: str, device_type: str, *, cuda_bf16: bool = False,
-                         cpu_flags: Iterable[str] = ()) -> DtypeChoice:
+                         cpu_flags: Iterable[str] = (), cpu_capability: str = "AVX512") -> DtypeChoice:
     """Pick the compute dtype for ``device_type`` (pure: the hardware facts are arguments).
 
     ``"auto"``: on CUDA, bfloat16 where the GPU supports it (Ampere and newer), else float16 (the tensor-core
@@ -66,13 +66,15 @@ def choose_compute_dtype(requested: str, device_type: str, *, cuda_bf16: bool = 
             like a CPU without native bfloat16).
         cuda_bf16: ``torch.cuda.is_bf16_supported()`` for that device.
         cpu_flags: the CPU's feature flags (see ``read_cpu_flags``).
+        cpu_capability: ``torch.backends.cpu.get_cpu_capability()``; when PyTorch's CPU kernels are capped below
+            AVX512 (``ATEN_CPU_CAPABILITY=avx2``, or a CPU without AVX512) the bf16 flags do not count.
 
     Raises:
         ValueError: ``requested`` is none of the above (configs validate this earlier).
     """
     if requested not in (AUTO, "bfloat16", "float16", "float32"):
         raise ValueError(f"unknown compute dtype {requested!r}")
-    native = sorted(NATIVE_BF16_CPU_FLAGS.intersection(cpu_flags))
+    native = sorted(NATIVE_BF16_CPU_FLAGS.intersection(cpu_flags)) if cpu_capability.startswith("AVX512") else []
     if device_type == "cuda":
         if requested != AUTO:
             return DtypeChoice(requested, requested, f"{requested} as configured on CUDA")
@@ -101,7 +103,9 @@ def resolve_compute_dtype(requested: str, device) -> DtypeChoice:
     if device.type == "cuda":
         with torch.cuda.device(device):
             cuda_bf16 = bool(torch.cuda.is_bf16_supported())
+    on_cpu = device.type != "cuda"
     choice = choose_compute_dtype(requested, device.type, cuda_bf16=cuda_bf16,
-                                  cpu_flags=read_cpu_flags() if device.type != "cuda" else ())
+                                  cpu_flags=read_cpu_flags() if on_cpu else (),
+                                  cpu_capability=torch.backends.cpu.get_cpu_capability() if on_cpu else "AVX512")
     (log.warning if choice.slow else log.info)("compute dtype %s: %s", choice.dtype, choice.reason)
     return choice

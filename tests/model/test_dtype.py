@@ -38,6 +38,12 @@ def test_auto_on_cpu_is_bf16_exactly_when_native(flags):
     assert choice.requested == "auto" and not choice.slow and choice.reason.startswith("auto:")
 
 
+@settings(max_examples=50, deadline=None)
+@given(flags=st.sets(st.sampled_from(FLAG_POOL)), capability=st.sampled_from(["DEFAULT", "AVX2", "NO AVX"]))
+def test_bf16_flags_do_not_count_when_torch_kernels_are_capped_below_avx512(flags, capability):
+    assert choose_compute_dtype("auto", "cpu", cpu_flags=flags, cpu_capability=capability).dtype == "float32"
+
+
 @settings(max_examples=100, deadline=None)
 @given(requested=st.sampled_from(DTYPES), flags=st.sets(st.sampled_from(FLAG_POOL)),
        device=st.sampled_from(["cpu", "cuda", "mps"]), cuda_bf16=st.booleans())
@@ -105,6 +111,7 @@ def test_load_resolves_auto_from_the_cpu_and_reports_it(tiny_base, tmp_path, mon
     info_file.write_text(cpuinfo)
     real = read_cpu_flags
     monkeypatch.setattr(dtype_mod, "read_cpu_flags", lambda path=info_file: real(path))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # the same on any CI CPU
     model, _, info = load_base_model(ModelConfig(model=str(tiny_base), device="cpu"))
     assert model.model.embed_tokens.weight.dtype == expected and model.model.norm.weight.dtype == expected
     assert info.compute_dtype == str(expected).removeprefix("torch.")
@@ -125,7 +132,8 @@ def test_server_and_trainer_pick_the_same_dtype_on_this_machine(tiny_base, tmp_p
     _, _, trained = load_base_model(TrainConfig(model=str(tiny_base), dataset=Path("d.jsonl"), output_dir=tmp_path,
                                                 device="cpu").model_config())
     assert trained.compute_dtype == served.compute_dtype
-    expected = choose_compute_dtype("auto", "cpu", cpu_flags=read_cpu_flags()).dtype
+    expected = choose_compute_dtype("auto", "cpu", cpu_flags=read_cpu_flags(),
+                                    cpu_capability=torch.backends.cpu.get_cpu_capability()).dtype
     assert served.compute_dtype == expected
     # A job the server starts gets the server's resolved dtype, not "auto" (server.app does this replace).
     import dataclasses
