@@ -12,6 +12,10 @@ from typing import TextIO
 REQUEST_LOGGER = "qlora_server.requests"
 #: Format of plain-text lines.
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Library loggers raised to a higher level: their messages are not the user's concern. bitsandbytes tries to fetch
+#: an optional CPU kernel from the Hugging Face hub through the ``kernels`` package on every start and warns when it
+#: cannot; the built-in CPU kernel it falls back to is the one we test with.
+QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
 # Keys every JSON line has; structured fields never overwrite them.
 _BASE_KEYS = ("ts", "level", "logger", "msg")
 
@@ -36,12 +40,14 @@ def configure_logging(json_lines: bool = False, level: int = logging.INFO,
                       stream: TextIO | None = None) -> logging.Handler:
     """Send every log record at ``level`` or above to one handler on ``stream`` (default stderr), formatted as
     JSON lines (:class:`JsonFormatter`) or as plain text (:data:`TEXT_FORMAT`). Replaces the root logger's
-    handlers, so calling it again switches format. Returns the handler."""
+    handlers, so calling it again switches format, and quiets :data:`QUIET_LOGGERS`. Returns the handler."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name, quiet_level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(level, quiet_level))
     return handler
 
 

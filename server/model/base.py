@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,10 @@ def load_base_model(cfg: ModelConfig):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a log file; the log line below says it
     device = resolve_device(cfg.device)
     choice = resolve_compute_dtype(cfg.compute_dtype, device)
     path, name = resolve_source(cfg)

@@ -149,3 +149,12 @@ def test_unregister_then_restart_keeps_the_registry(world):
         assert gen2.Generate(gen_req("ad-r16")).text == before
     finally:
         again.stop()
+
+
+def test_startup_log_names_the_compute_dtype_and_carries_no_library_noise(world):
+    """The log says which compute dtype "auto" chose and why; progress bars and the bitsandbytes warning about an
+    optional hub kernel (not the user's concern) stay out of it."""
+    _, _, _, server = world
+    log = server.log_path.read_text(errors="replace")
+    assert "INFO server.model.dtype: compute dtype " in log and ": auto: CPU " in log
+    assert "Loading weights" not in log and "kernels-community" not in log
