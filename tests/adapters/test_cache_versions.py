@@ -20,7 +20,7 @@ from server.adapters.cache import AdapterCache
 from server.adapters.store import AdapterStore
 from server.adapters.types import BaseModelSpec
 from server.engine import batch as kv
-from server.errors import NotFound
+from server.errors import FailedPrecondition, NotFound
 from server.metrics import Metrics
 from server.model.lora import attach_router
 from tests.tiny import TINY_NAME, edit_config, load_nf4
@@ -153,6 +153,34 @@ def test_load_reads_the_weights_once(tmp_path, spec, variants, monkeypatch):
     loaded = store.load("a")
     assert opened.count(validation.WEIGHTS_FILE) == 1
     assert loaded.version == store.get("a").version
+
+
+@pytest.mark.parametrize("during", [validation.CONFIG_FILE, validation.WEIGHTS_FILE])
+def test_a_load_racing_a_replace_never_mixes_two_versions(tmp_path, spec, variants, monkeypatch, during):
+    """A config-only replace lands while ``load`` is between the files it reads: the load either fails as
+    "replaced" (the caller looks the adapter up again) or returns one version's config and weights, never the old
+    weights under the new config or the reverse."""
+    store = AdapterStore(tmp_path / "store", spec)
+    old = store.register("a", variants["w1"])
+    real_open, fired = store_module.os.open, []
+
+    def open_and_replace(path, flags, *args, **kwargs):
+        if Path(path).name == during and not fired:
+            fired.append(True)
+            store.register("a", variants["w1_alpha32"], replace=True)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.os, "open", open_and_replace)
+    try:
+        loaded = store.load("a")
+    except FailedPrecondition as exc:
+        assert "replaced" in str(exc)
+    else:  # read entirely from the old version's directory: the old version, whole
+        assert loaded.version == old.version and loaded.info.lora_alpha == 8.0
+        assert {m.scale for m in loaded.modules.values()} == {8.0 / R}
+    monkeypatch.undo()
+    assert fired and store.load("a").info.lora_alpha == 32.0
+    assert {m.scale for m in store.load("a").modules.values()} == {32.0 / R}
 
 
 # --- 10c: versions ------------------------------------------------------------------------------------------------
