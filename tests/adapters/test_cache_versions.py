@@ -93,9 +93,13 @@ def wait_until(cond, what: str) -> None:
 # --- 10b: a cold load holds no lock that readers or admission take ------------------------------------------------
 
 
-def test_readers_and_admission_are_not_blocked_while_an_adapter_loads(tmp_path, spec, variants, monkeypatch):
-    """While one adapter's files are being validated (blocked here on an event), ``get``, ``list``, the cache's
-    residency and the admission of a request for another, resident adapter all complete."""
+@pytest.mark.parametrize("change", ["load", "register", "replace"])
+@pytest.mark.parametrize("stage", ["check_config", "parse_factors"])
+def test_readers_and_admission_are_not_blocked_by_a_load_or_a_registration(tmp_path, spec, variants, monkeypatch,
+                                                                           change, stage):
+    """While one adapter is being read and validated (blocked here on an event at ``stage``) by a cold load, a
+    registration or a replace, ``get``, ``list``, the cache's residency and the admission of a request for another,
+    resident adapter all complete."""
     store = AdapterStore(tmp_path / "store", spec)
     store.register("cold", variants["w1"])
     store.register("warm", variants["w2"])
@@ -105,17 +109,24 @@ def test_readers_and_admission_are_not_blocked_while_an_adapter_loads(tmp_path, 
     cache.release(warm[-1])
 
     entered, release = threading.Event(), threading.Event()
-    real_check = validation.check_config
+    real = getattr(validation, stage)
 
-    def blocking_check(cfg, base):
+    def blocking(*args, **kwargs):
         entered.set()
         assert release.wait(WAIT_S), "the test never released the load"
-        return real_check(cfg, base)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(validation, "check_config", blocking_check)
+    monkeypatch.setattr(validation, stage, blocking)
+    writer = None
     try:
-        assert cache.acquire(cache.current_key("cold")) is None  # starts the background load
-        assert entered.wait(WAIT_S), "the background load never started validating"
+        if change == "load":
+            assert cache.acquire(cache.current_key("cold")) is None  # starts the background load
+        else:
+            target = "new" if change == "register" else "cold"
+            writer = threading.Thread(target=store.register, args=(target, variants["w1_alpha32"]),
+                                      kwargs={"replace": change == "replace"}, daemon=True)
+            writer.start()
+        assert entered.wait(WAIT_S), "the change never started validating"
         results: dict[str, object] = {}
 
         def readers() -> None:
@@ -131,9 +142,13 @@ def test_readers_and_admission_are_not_blocked_while_an_adapter_loads(tmp_path, 
         blocked = reader.is_alive()
     finally:
         release.set()
-    assert not blocked, "a reader waited for another adapter's load"
+    assert not blocked, f"a reader waited for another adapter's {change}"
     assert results == {"get": "warm", "list": ["cold", "warm"], "residency": "gpu", "slot": warm[-1]}
-    wait_until(lambda: cache.residency("cold") == "cpu", "the cold adapter's load to finish")
+    if writer is not None:
+        writer.join(WAIT_S)
+        assert not writer.is_alive()
+    else:
+        wait_until(lambda: cache.residency("cold") == "cpu", "the cold adapter's load to finish")
     cache.close()
 
 
