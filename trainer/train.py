@@ -139,6 +139,23 @@ def lora_config(config: TrainConfig):
                       use_rslora=config.use_rslora, bias="none", task_type="CAUSAL_LM")
 
 
+def adapter_config_json(config: TrainConfig, base_model: str) -> dict[str, Any]:
+    """The ``adapter_config.json`` a run of ``config`` writes, as the dict PEFT's ``save_pretrained`` serializes
+    (sets as lists, enums as their names), with ``base_model_name_or_path`` = ``base_model``; a run from
+    ``init_adapter`` keeps that adapter's config. Lets a server check, before training, that it would register the
+    result (``server.adapters.validation.check_adapter_config``).
+
+    Raises:
+        NotFound / InvalidArgument: ``init_adapter`` is set and its config cannot be read (``field="adapter"``).
+    """
+    if config.init_adapter is not None:
+        cfg = dict(inspect_adapter(config.init_adapter).config)
+    else:
+        cfg = {k: list(v) if isinstance(v, set) else v for k, v in lora_config(config).to_dict().items()}
+    cfg["base_model_name_or_path"] = base_model
+    return json.loads(json.dumps(cfg))
+
+
 def _library_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

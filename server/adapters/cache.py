@@ -1,9 +1,11 @@
 """Two-tier adapter cache: accelerator slots (LRU, pinned while rows use them) backed by host memory (LRU).
 
 Disk → host loads run on a background thread so a cold adapter never stalls the running batch; host →
-accelerator copies happen on the engine thread between steps. Entries are keyed by ``(adapter_id, sha256)``:
-a replaced adapter has a new key, so a later request can never be served the old weights, and store events
-(replace / unregister) drop the old key from both tiers as soon as no running row uses it.
+accelerator copies happen on the engine thread between steps. Entries are keyed by ``(adapter_id, version)``, the
+store's registration version: a replaced adapter has a new key even when only its config changed (same weights,
+new ``lora_alpha``), so a later request can never be served the old weights or scale, and store events (replace /
+unregister) drop the old key from both tiers as soon as no running row uses it. After every slot write the version
+is checked again: a replace that arrived during the write leaves that slot stale, never served.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from server.model.lora import LoraRouter
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]  # (adapter_id, sha256 of its weights)
+Key = tuple[str, int]  # (adapter_id, the store's registration version)
 
 
 class AdapterCache:
@@ -59,9 +61,10 @@ class AdapterCache:
 
     # --- any thread -------------------------------------------------------------------------------------
     def current_key(self, adapter_id: str) -> Key:
-        """The key of the adapter's current version. Raises NotFound (field ``adapter_id``)."""
+        """The key ``(adapter_id, version)`` of the adapter's current version. Raises NotFound (field
+        ``adapter_id``)."""
         info = self.store.get(adapter_id)
-        return (adapter_id, info.sha256)
+        return (adapter_id, info.version)
 
     def residency(self, adapter_id: str) -> str:
         """``"gpu"`` (in an accelerator slot — the CPU when that is the device), ``"cpu"`` (host memory) or
@@ -131,15 +134,25 @@ class AdapterCache:
                 self.metrics.adapter_cache_hits.labels("cpu").inc()
             if self._slot_key[slot] is not None:
                 self.metrics.adapter_evictions.labels("gpu").inc()
-            self._slot_key[slot] = None
+            # The slot holds ``key`` from now on, while it is written: a store event during the write marks it stale.
+            self._slot_key[slot] = key
             self._slot_stale[slot] = False
+            self._pin(slot)  # nobody else may take it while it is being written
         start = time.perf_counter()
-        self.router.load(slot, adapter)  # engine thread, between steps: no row reads the slot now
+        try:
+            self.router.load(slot, adapter)  # engine thread, between steps: no row reads the slot now
+        except BaseException:
+            with self._lock:
+                self._slot_refs[slot] -= 1
+                self._slot_key[slot] = None
+                self._slot_stale[slot] = False
+            raise
         self.metrics.adapter_load_latency.labels("gpu").observe(time.perf_counter() - start)
         self.metrics.adapter_loads.labels("gpu").inc()
-        with self._lock:
-            self._slot_key[slot] = key
-            self._pin(slot)
+        if not self._still_current(key, slot):  # replaced / unregistered during the write: never serve it
+            self.release(slot)
+            self._update_gauges()
+            return None
         self._update_gauges()
         return slot
 
@@ -160,6 +173,20 @@ class AdapterCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # --- internals --------------------------------------------------------------------------------------
+    def _still_current(self, key: Key, slot: int) -> bool:
+        """After writing ``key`` into ``slot``: whether it is still the adapter's current version. When it is not
+        (a store event marked the slot stale, or the store already has a newer version whose event has not arrived
+        yet), the slot is marked stale so no later lookup matches it."""
+        try:
+            current = self.current_key(key[0])
+        except NotFound:
+            current = None
+        with self._lock:
+            if current == key and not self._slot_stale[slot]:
+                return True
+            self._slot_stale[slot] = True
+            return False
+
     def _pin(self, slot: int) -> None:
         self._slot_refs[slot] += 1
         self._slot_used[slot] = time.monotonic()
@@ -181,29 +208,35 @@ class AdapterCache:
         return empty[0] if empty else min(candidates, key=lambda s: self._slot_used[s])
 
     def _load_from_disk(self, key: Key, generation: int) -> None:
-        adapter_id, sha = key
+        adapter_id, version = key
         start = time.perf_counter()
+        error: ServerError | None = None
+        adapter = None
         try:
             adapter = self.store.load(adapter_id)
-            if adapter.version != sha:
-                raise NotFound(f"adapter {adapter_id!r} changed while loading", field="adapter_id")
         except ServerError as exc:
-            with self._lock:
-                self._failed[key] = exc
-                self._loading.pop(key, None)
-            return
+            error = exc
         except Exception as exc:  # noqa: BLE001 - reported to the waiting request, never lost
             log.exception("loading adapter %s failed", adapter_id)
-            with self._lock:
-                self._failed[key] = ServerError(f"loading adapter {adapter_id!r} failed: {exc}")
-                self._loading.pop(key, None)
-            return
-        self.metrics.adapter_load_latency.labels("cpu").observe(time.perf_counter() - start)
-        self.metrics.adapter_loads.labels("cpu").inc()
+            error = ServerError(f"loading adapter {adapter_id!r} failed: {exc}")
+        if error is None:
+            self.metrics.adapter_load_latency.labels("cpu").observe(time.perf_counter() - start)
+            self.metrics.adapter_loads.labels("cpu").inc()
+        try:
+            current = self.current_key(adapter_id)
+        except NotFound:
+            current = None
         with self._lock:
             self._loading.pop(key, None)
-            if self._generation.get(key[0], 0) != generation:
-                return  # replaced or unregistered while loading: never cache the old weights
+            if (self._generation.get(adapter_id, 0) != generation or current != key
+                    or (adapter is not None and adapter.version != version)):
+                # replaced or unregistered while loading: never cache it, and fail nobody: a waiting request
+                # looks the adapter up again (NotFound when it is gone)
+                self._disk_loaded.discard(key)
+                return
+            if error is not None:
+                self._failed[key] = error
+                return
             self._host[key] = adapter
             while len(self._host) > self.host_capacity:
                 self._host.popitem(last=False)

@@ -15,13 +15,22 @@ from pathlib import Path
 from typing import Callable
 
 from server.adapters.types import AdapterInfo, BaseModelSpec, LoadedAdapter
-from server.adapters.validation import CONFIG_FILE, WEIGHTS_FILE, find_weights_file, validate_adapter_dir
+from server.adapters.validation import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    find_weights_file,
+    parse_config,
+    validate_adapter,
+    validate_adapter_dir,
+)
 from server.config import ADAPTER_ID_RE
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServerError
 
 log = logging.getLogger(__name__)
 
 META_FILE = "qlora_server.json"
+#: File in the store's root holding the last registration version assigned (``{"last_version": N}``).
+VERSION_FILE = ".qlora_server_version.json"
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"  # an adapter moved aside by a replace: restored at start-up if the new one is not in place
 _DEL_PREFIX = ".del-"  # an unregistered adapter being deleted
@@ -30,6 +39,36 @@ _OLD_RE = re.compile(r"^\.old-[0-9a-f]{32}-(?P<id>.+)$")
 
 #: ``callback(adapter_id, event)``, event in ``{"registered", "replaced", "unregistered"}``.
 Listener = Callable[[str, str], None]
+
+
+def _meta(info: AdapterInfo) -> dict:
+    return {"adapter_id": info.adapter_id, "registered_at": info.registered_at, "sha256": info.sha256,
+            "size_bytes": info.size_bytes, "version": info.version}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a sibling temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_files(directory: Path, names: tuple[str, ...]) -> list[bytes]:
+    """The bytes of each of ``names`` in ``directory``, all opened through one handle of the directory, so they come
+    from the same directory even if it is renamed meanwhile (a replace moves it aside). Raises OSError."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        out = []
+        for name in names:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                out.append(f.read())
+        return out
+    finally:
+        os.close(dir_fd)
 
 
 def _fsync(path: Path) -> None:
@@ -42,13 +81,22 @@ def _fsync(path: Path) -> None:
 
 class AdapterStore:
     """Adapters registered on disk under ``root``, each in ``root/<adapter_id>/`` holding ``adapter_config.json``,
-    ``adapter_model.safetensors`` and ``qlora_server.json`` (``registered_at``, ``sha256``, ``size_bytes``).
+    ``adapter_model.safetensors`` and ``qlora_server.json`` (``registered_at``, ``sha256``, ``size_bytes``,
+    ``version``).
 
     Every change is staged in a dot-named directory inside ``root`` and renamed into place, so ``root`` only ever
     holds complete adapters; a failed change leaves it exactly as it was. A new store on the same ``root`` sees the
     same adapters (start-up rescans it, removes leftover staging directories, finishes an interrupted replace, and
     re-validates each adapter against ``base``: one that no longer validates is logged and skipped, not deleted).
-    All methods are thread-safe; listeners are called after the change, outside the store's lock.
+
+    Versions: every registration (and replace) gets the next number of one counter that only goes up; the last
+    one is kept in ``root/.qlora_server_version.json`` (written before the adapter is renamed into place), so a
+    version is never reused, not after an unregister nor across restarts.
+
+    Locking: ``_lock`` guards only the in-memory registry and is held for dictionary operations, never across file
+    I/O, hashing or validation, so :meth:`get`, :meth:`list` and the engine's admission never wait for a load or a
+    registration. Changes are serialized by a second lock that readers never take. All methods are thread-safe;
+    listeners are called after the change, outside both locks.
 
     Args:
         root: the store's directory (created if absent), e.g. ``adapters/``.
@@ -58,23 +106,38 @@ class AdapterStore:
     def __init__(self, root: Path, base: BaseModelSpec) -> None:
         self.root = Path(root)
         self.base = base
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the registry dict and the listeners; never held across I/O
+        self._write_lock = threading.Lock()  # serializes changes and their file I/O; readers never take it
         self._infos: dict[str, AdapterInfo] = {}
         self._listeners: list[Listener] = []
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover()
+        self._last_version = self._read_last_version()
+        unversioned: list[str] = []
         for entry in sorted(self.root.iterdir()):
             if entry.is_dir() and ADAPTER_ID_RE.fullmatch(entry.name):
                 try:
-                    self._infos[entry.name] = self._read_registered(entry.name)
+                    info = self._read_registered(entry.name)
                 except (ServerError, OSError, ValueError, KeyError, TypeError) as exc:
                     log.warning("adapter %s in %s is skipped (not deleted): %s", entry.name, self.root, exc)
+                    continue
+                self._infos[entry.name] = info
+                self._last_version = max(self._last_version, info.version)
+                if info.version <= 0:
+                    unversioned.append(entry.name)
+        # adapters registered before versions existed get one now, oldest registration first
+        for adapter_id in sorted(unversioned, key=lambda a: (self._infos[a].registered_at, a)):
+            try:
+                self._infos[adapter_id] = self._assign_version(adapter_id)
+            except OSError as exc:
+                self._infos.pop(adapter_id)
+                log.warning("adapter %s in %s is skipped: cannot record its version: %s", adapter_id, self.root, exc)
         log.info("adapter store %s: %d adapters", self.root, len(self._infos))
 
     # ----------------------------------------------------------------------------------------------- queries
 
     def get(self, adapter_id: str) -> AdapterInfo:
-        """The registered adapter's info. Raises: NotFound (``field="adapter_id"``)."""
+        """The registered adapter's info (its current ``version``). Raises: NotFound (``field="adapter_id"``)."""
         with self._lock:
             return self._get(adapter_id)
 
@@ -84,20 +147,37 @@ class AdapterStore:
             return [self._infos[k] for k in sorted(self._infos)]
 
     def load(self, adapter_id: str) -> LoadedAdapter:
-        """Re-read the adapter's weights from disk: ``LoadedAdapter`` with CPU tensors (A ``[r, in]``, B ``[out, r]``).
+        """Read the adapter's current version from disk: ``LoadedAdapter`` with CPU tensors (A ``[r, in]``, B
+        ``[out, r]``) and ``version`` equal to :meth:`get`'s at the call. The files are read once each, without
+        holding the registry lock, through one open handle of the adapter's directory, and checked to be that
+        version's (its ``qlora_server.json``); the sha256 is taken over the same bytes that are parsed.
 
         Raises:
             NotFound: no such adapter (``field="adapter_id"``).
-            FailedPrecondition: its files changed on disk since registration (sha256 differs) or no longer validate.
+            FailedPrecondition: the adapter was replaced or unregistered while loading (the caller may look it up
+                again), or its files changed on disk since registration (sha256 differs) or no longer validate
+                (``field="adapter_id"``).
         """
-        with self._lock:
-            info = self._get(adapter_id)
-            try:
-                loaded = validate_adapter_dir(Path(info.path), self.base, adapter_id=adapter_id,
-                                              registered_at=info.registered_at)
-            except ServerError as exc:
-                raise FailedPrecondition(f"stored adapter {adapter_id!r} no longer validates: {exc}",
-                                         field="adapter_id") from exc
+        info = self.get(adapter_id)
+        try:
+            meta_bytes, cfg_bytes, weights = _read_files(Path(info.path), (META_FILE, CONFIG_FILE, WEIGHTS_FILE))
+            meta = json.loads(meta_bytes.decode("utf-8"))
+            on_disk = int(meta.get("version", 0)) if isinstance(meta, dict) else 0
+        except (OSError, ValueError, TypeError) as exc:
+            self._raise_if_changed(info)
+            raise FailedPrecondition(f"stored adapter {adapter_id!r} cannot be read: {exc}",
+                                     field="adapter_id") from exc
+        if on_disk != info.version:
+            self._raise_if_changed(info)
+            raise FailedPrecondition(f"stored adapter {adapter_id!r} is version {on_disk} on disk, expected "
+                                     f"{info.version}", field="adapter_id")
+        try:
+            loaded = validate_adapter(parse_config(cfg_bytes, info.path), weights, self.base,
+                                      adapter_id=adapter_id, path=info.path, registered_at=info.registered_at,
+                                      version=info.version)
+        except ServerError as exc:
+            raise FailedPrecondition(f"stored adapter {adapter_id!r} no longer validates: {exc}",
+                                     field="adapter_id") from exc
         if loaded.info.sha256 != info.sha256:
             raise FailedPrecondition(f"weights of adapter {adapter_id!r} changed on disk since registration "
                                      f"(sha256 {loaded.info.sha256[:12]}… != {info.sha256[:12]}…)",
@@ -183,14 +263,17 @@ class AdapterStore:
         Raises:
             NotFound: no such adapter (``field="adapter_id"``).
         """
-        with self._lock:
+        with self._write_lock:
             dest = self.root / adapter_id
-            if adapter_id not in self._infos and not (ADAPTER_ID_RE.fullmatch(adapter_id) and dest.is_dir()):
+            with self._lock:
+                known = adapter_id in self._infos
+            if not known and not (ADAPTER_ID_RE.fullmatch(adapter_id) and dest.is_dir()):
                 raise NotFound(f"adapter {adapter_id!r} is not registered", field="adapter_id")
             old = self.root / f"{_DEL_PREFIX}{uuid.uuid4().hex}-{adapter_id}"
             os.rename(dest, old)
-            self._infos.pop(adapter_id, None)
-            shutil.rmtree(old, ignore_errors=True)
+            with self._lock:
+                self._infos.pop(adapter_id, None)
+        shutil.rmtree(old, ignore_errors=True)
         self._notify(adapter_id, "unregistered")
 
     # ----------------------------------------------------------------------------------------------- internals
@@ -218,19 +301,20 @@ class AdapterStore:
         return path
 
     def _commit(self, adapter_id: str, staging: Path, replace: bool) -> AdapterInfo:
-        """Validate ``staging`` (which this consumes), write its metadata and rename it to ``root/adapter_id``."""
+        """Validate ``staging`` (which this consumes), give it the next version, write its metadata and rename it
+        to ``root/adapter_id``. Only the final dictionary update takes the registry lock."""
         try:
             loaded = validate_adapter_dir(staging, self.base, adapter_id=adapter_id, registered_at=time.time())
-            meta = {"adapter_id": adapter_id, "registered_at": loaded.info.registered_at,
-                    "sha256": loaded.info.sha256, "size_bytes": loaded.info.size_bytes}
-            (staging / META_FILE).write_text(json.dumps(meta, indent=1))
-            for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
                 _fsync(staging / name)
             dest = self.root / adapter_id
-            info = dataclasses.replace(loaded.info, path=str(dest))
-            with self._lock:
+            with self._write_lock:
                 self._check_id(adapter_id, replace)
-                existed = adapter_id in self._infos
+                version = self._next_version()
+                info = dataclasses.replace(loaded.info, path=str(dest), version=version)
+                _write_json(staging / META_FILE, _meta(info))
+                with self._lock:
+                    existed = adapter_id in self._infos
                 old = None
                 if dest.exists():
                     old = self.root / f"{_OLD_PREFIX}{uuid.uuid4().hex}-{adapter_id}"
@@ -241,7 +325,8 @@ class AdapterStore:
                     if old is not None:
                         os.rename(old, dest)
                     raise
-                self._infos[adapter_id] = info
+                with self._lock:
+                    self._infos[adapter_id] = info
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             try:
@@ -251,13 +336,47 @@ class AdapterStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        log.info("adapter %s %s: %d modules, sha256 %s", adapter_id, "replaced" if existed else "registered",
-                 info.module_count, info.sha256[:12])
+        log.info("adapter %s %s: version %d, %d modules, sha256 %s", adapter_id,
+                 "replaced" if existed else "registered", info.version, info.module_count, info.sha256[:12])
         self._notify(adapter_id, "replaced" if existed else "registered")
         return info
 
+    def _raise_if_changed(self, info: AdapterInfo) -> None:
+        """Raise FailedPrecondition when ``info`` is no longer the adapter's current version (replaced or
+        unregistered since it was looked up)."""
+        with self._lock:
+            current = self._infos.get(info.adapter_id)
+        if current is None or current.version != info.version:
+            raise FailedPrecondition(f"adapter {info.adapter_id!r} was replaced or unregistered while loading "
+                                     f"(version {info.version})", field="adapter_id")
+
+    def _read_last_version(self) -> int:
+        """The counter in ``VERSION_FILE`` (0 when absent). Raises ValueError / OSError when it is unreadable."""
+        try:
+            data = json.loads((self.root / VERSION_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return 0
+        value = data.get("last_version") if isinstance(data, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{self.root / VERSION_FILE} holds no valid last_version: {data!r}")
+        return value
+
+    def _next_version(self) -> int:
+        """Allocate the next version and persist the counter before it is used (write lock held)."""
+        version = self._last_version + 1
+        _write_json(self.root / VERSION_FILE, {"last_version": version})
+        self._last_version = version
+        return version
+
+    def _assign_version(self, adapter_id: str) -> AdapterInfo:
+        """Give an adapter registered before versions existed its version, recorded in its metadata (start-up)."""
+        info = dataclasses.replace(self._infos[adapter_id], version=self._next_version())
+        _write_json(self.root / adapter_id / META_FILE, _meta(info))
+        return info
+
     def _read_registered(self, adapter_id: str) -> AdapterInfo:
-        """Validate ``root/adapter_id`` and return its info, with ``registered_at`` from its metadata.
+        """Validate ``root/adapter_id`` and return its info, with ``registered_at`` and ``version`` from its
+        metadata (``version`` 0 when it predates versions).
 
         Raises:
             ServerError / OSError / ValueError / KeyError: missing metadata, a weights file whose sha256 differs from
@@ -268,7 +387,10 @@ class AdapterStore:
         info = validate_adapter_dir(path, self.base, adapter_id=adapter_id).info
         if info.sha256 != meta["sha256"]:
             raise FailedPrecondition(f"{WEIGHTS_FILE} changed since registration (sha256 differs)", field="weights")
-        return dataclasses.replace(info, registered_at=float(meta["registered_at"]))
+        version = meta.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"{META_FILE} has an invalid version {version!r}")
+        return dataclasses.replace(info, registered_at=float(meta["registered_at"]), version=version)
 
     def _recover(self) -> None:
         """Remove staging directories and finish replaces/unregisters that a crash interrupted."""

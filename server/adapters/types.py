@@ -43,6 +43,10 @@ class AdapterInfo:
         sha256: hex digest of ``adapter_model.safetensors``.
         path: the adapter's directory inside the store.
         registered_at: UNIX time (seconds) of registration.
+        version: the registration's version: one number the store assigns at each registration or replace,
+            strictly increasing across the store's whole life (persisted, never reused after an unregister or a
+            restart). Caches key by ``(adapter_id, version)``, so a replace that changes only
+            ``adapter_config.json`` (same ``sha256``) is a new version too. 0 = not registered.
     """
 
     adapter_id: str
@@ -58,6 +62,7 @@ class AdapterInfo:
     registered_at: float
     ranks: dict[str, int] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
+    version: int = 0
 
     @property
     def max_rank(self) -> int:
@@ -69,15 +74,16 @@ class LoadedAdapter:
     """An adapter's weights in host memory, keyed by the base model's module names
     (e.g. ``model.layers.0.self_attn.q_proj``), ready to be copied into accelerator slots.
 
-    ``version`` is the weights file's sha256: a replaced adapter has a new version, so caches never mix them.
+    ``version`` is the store's registration version (:attr:`AdapterInfo.version`): a replaced adapter has a new
+    version, even when only its config changed, so caches never mix them.
     """
 
     info: AdapterInfo
     modules: dict[str, ModuleLora]
 
     @property
-    def version(self) -> str:
-        return self.info.sha256
+    def version(self) -> int:
+        return self.info.version
 
     @property
     def nbytes(self) -> int:

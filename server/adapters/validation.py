@@ -13,7 +13,7 @@ import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from server.adapters.types import AdapterInfo, BaseModelSpec, LoadedAdapter, ModuleLora
 from server.errors import InvalidArgument
@@ -98,9 +98,23 @@ def read_config(path: Path) -> dict:
         InvalidArgument: ``field="adapter_config.json"`` when it is missing, unreadable, not JSON or not an object.
     """
     try:
-        cfg = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = (Path(path) / CONFIG_FILE).read_bytes()
+    except OSError as exc:
         raise _refuse(CONFIG_FILE, f"cannot read {CONFIG_FILE} in {str(path)!r}: {exc}") from exc
+    return parse_config(data, str(path))
+
+
+def parse_config(data: bytes, source: str = "") -> dict:
+    """Parse the bytes of an ``adapter_config.json`` (UTF-8 JSON object) into a dict; ``source`` names where it
+    came from in the message.
+
+    Raises:
+        InvalidArgument: ``field="adapter_config.json"`` when it is not UTF-8 JSON or not an object.
+    """
+    try:
+        cfg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _refuse(CONFIG_FILE, f"cannot read {CONFIG_FILE} in {source!r}: {exc}") from exc
     if not isinstance(cfg, dict):
         raise _refuse(CONFIG_FILE, f"{CONFIG_FILE} must be a JSON object, got {type(cfg).__name__}")
     return cfg
@@ -259,29 +273,51 @@ def _refuse_key(key: str) -> InvalidArgument:
     return _refuse("weights", f"unexpected tensor {key!r}: only <module>.lora_A.weight / lora_B.weight are served")
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def check_adapter_config(cfg: dict, base: BaseModelSpec) -> dict[str, tuple[int, float]]:
+    """Everything the registry checks about an adapter's ``adapter_config.json`` (as a dict), without its weights:
+    the rules of :func:`check_config`, the target modules (:func:`targeted_modules`), that they select at least one
+    routable layer, and every selected module's rank (``rank_pattern`` included) against ``base.max_rank``.
+
+    This is the one config check shared by registration (:func:`validate_adapter`) and by training jobs (a job is
+    refused before it trains an adapter that this would refuse).
+
+    Returns:
+        Selected module name (``model.layers.0.self_attn.q_proj``) → ``(r, lora_alpha)`` of that module.
+
+    Raises:
+        InvalidArgument: ``field`` names the config key, as :func:`check_config` and :func:`targeted_modules` do;
+            ``"target_modules"`` when they select no module; ``"r"`` when a module's rank exceeds the server's
+            ``max_lora_rank``.
+    """
+    check_config(cfg, base)
+    selected = targeted_modules(cfg, base)
+    if not selected:
+        raise _refuse("target_modules", f"target_modules {cfg.get('target_modules')!r} (with exclude_modules / "
+                                        f"layers_to_transform) select no module of {base.name}")
+    out: dict[str, tuple[int, float]] = {}
+    for name in sorted(selected):
+        r, alpha, from_pattern = module_rank_alpha(cfg, name)
+        if r > base.max_rank:
+            raise _refuse("r", f"{name} has rank {r}" + (" (from rank_pattern)" if from_pattern else "")
+                          + f", above the server's max_lora_rank {base.max_rank}")
+        out[name] = (r, alpha)
+    return out
 
 
-def read_factors(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Read a PEFT safetensors file into ``module name -> {"lora_A": [r, in], "lora_B": [out, r]}`` (CPU tensors,
-    stored dtype); the ``base_model.model.`` prefix PEFT adds is stripped.
+def parse_factors(data: bytes, source: str = WEIGHTS_FILE) -> dict[str, dict[str, torch.Tensor]]:
+    """Parse the bytes of a PEFT safetensors file into ``module name -> {"lora_A": [r, in], "lora_B": [out, r]}``
+    (CPU tensors, stored dtype); the ``base_model.model.`` prefix PEFT adds is stripped.
 
     Raises:
         InvalidArgument: truncated or corrupt file (``field="weights"``), no tensors (``"weights"``), or a tensor of
             an unsupported feature (named by the feature's config key, e.g. ``use_dora``).
     """
     try:
-        tensors = load_file(weights, device="cpu")
+        tensors = load_safetensors(bytes(data))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise _refuse("weights", f"{weights.name} is truncated or not a safetensors file: {exc}") from exc
+        raise _refuse("weights", f"{source} is truncated or not a safetensors file: {exc}") from exc
     if not tensors:
-        raise _refuse("weights", f"{weights.name} contains no tensors")
+        raise _refuse("weights", f"{source} contains no tensors")
     unexpected = [k for k in tensors if _KEY_RE.match(k) is None]
     if unexpected:  # name the feature by its most telling key (a LoRA-variant tensor before a copied base weight)
         raise _refuse_key(min(unexpected, key=lambda k: (".lora_" not in k and "modules_to_save" not in k, k)))
@@ -292,15 +328,44 @@ def read_factors(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
     return factors
 
 
-def validate_adapter_dir(path: Path, base: BaseModelSpec, *, adapter_id: str = "",
-                         registered_at: float = 0.0) -> LoadedAdapter:
-    """Validate the PEFT LoRA adapter in directory ``path`` against ``base`` and load it.
+def validate_adapter_dir(path: Path, base: BaseModelSpec, *, adapter_id: str = "", registered_at: float = 0.0,
+                         version: int = 0) -> LoadedAdapter:
+    """Validate the PEFT LoRA adapter in directory ``path`` against ``base`` and load it: reads its two files once
+    each and hands them to :func:`validate_adapter`.
 
     Args:
         path: directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (as PEFT's
             ``save_pretrained`` writes them).
         base: the resident base model's routable layers and ``max_rank``.
-        adapter_id, registered_at: copied into the returned :class:`AdapterInfo` (the store's key and UNIX time).
+        adapter_id, registered_at, version: copied into the returned :class:`AdapterInfo` (the store's key, UNIX
+            time and registration version).
+
+    Returns / Raises: as :func:`validate_adapter`; also ``InvalidArgument`` with ``field="path"``,
+        ``"adapter_config.json"`` or ``"weights"`` when a file is missing or unreadable.
+    """
+    path = Path(path)
+    weights_path = find_weights_file(path)
+    cfg = read_config(path)
+    try:
+        data = weights_path.read_bytes()
+    except OSError as exc:
+        raise _refuse("weights", f"cannot read {weights_path}: {exc}") from exc
+    return validate_adapter(cfg, data, base, adapter_id=adapter_id, path=str(path), registered_at=registered_at,
+                            version=version)
+
+
+def validate_adapter(cfg: dict, weights: bytes, base: BaseModelSpec, *, adapter_id: str = "", path: str = "",
+                     registered_at: float = 0.0, version: int = 0) -> LoadedAdapter:
+    """Validate an adapter given as its parsed ``adapter_config.json`` and the bytes of its
+    ``adapter_model.safetensors`` against ``base``, and load it. The sha256 and the tensors come from the same
+    ``weights`` bytes, so what is hashed is what is served. Pure CPU work, no file I/O: call it without holding
+    a lock that serving takes.
+
+    Args:
+        cfg: the parsed ``adapter_config.json``.
+        weights: the whole safetensors file.
+        base: the resident base model's routable layers and ``max_rank``.
+        adapter_id, path, registered_at, version: copied into the returned :class:`AdapterInfo`.
 
     Returns:
         A :class:`LoadedAdapter` whose ``modules`` map base-model module names (``model.layers.0.self_attn.q_proj``)
@@ -308,16 +373,12 @@ def validate_adapter_dir(path: Path, base: BaseModelSpec, *, adapter_id: str = "
 
     Raises:
         InvalidArgument: anything that PEFT would load differently from ``W x + scale · B A x`` on ``base``'s
-            routable layers, with ``field`` naming it: ``path``, ``adapter_config.json``, ``peft_type``,
+            routable layers, with ``field`` naming it: ``adapter_config.json``, ``peft_type``,
             ``base_model_name_or_path``, ``target_modules``, ``r``, ``rank_pattern``, ``lora_alpha``, ``weights``,
             or an unsupported feature's config key (``use_dora``, ``modules_to_save``, ``lora_bias``, ...).
     """
-    path = Path(path)
-    weights_path = find_weights_file(path)
-    cfg = read_config(path)
-    check_config(cfg, base)
-    selected = targeted_modules(cfg, base)
-    factors = read_factors(weights_path)
+    selected = check_adapter_config(cfg, base)
+    factors = parse_factors(weights)
 
     unknown = sorted(m for m in factors if m not in base.linear_shapes and m not in base.other_modules)
     if len(unknown) == len(factors):
@@ -348,8 +409,6 @@ def validate_adapter_dir(path: Path, base: BaseModelSpec, *, adapter_id: str = "
                                      f"layer (in_features={in_f}, out_features={out_f}): adapter for another "
                                      f"architecture?")
         r, alpha, from_pattern = module_rank_alpha(cfg, name)
-        if r > base.max_rank:
-            raise _refuse("r", f"{name} has rank {r}, above the server's max_lora_rank {base.max_rank}")
         if A.shape[0] != r or B.shape[1] != r:
             raise _refuse("rank_pattern" if from_pattern else "r",
                           f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} disagree with its configured "
@@ -371,11 +430,12 @@ def validate_adapter_dir(path: Path, base: BaseModelSpec, *, adapter_id: str = "
         target_modules=(target,) if isinstance(target, str) else tuple(target),
         module_count=len(modules),
         use_rslora=use_rslora,
-        size_bytes=weights_path.stat().st_size,
-        sha256=file_sha256(weights_path),
-        path=str(path),
+        size_bytes=len(weights),
+        sha256=hashlib.sha256(weights).hexdigest(),
+        path=path,
         registered_at=registered_at,
         ranks=ranks,
         alphas=alphas,
+        version=version,
     )
     return LoadedAdapter(info=info, modules=modules)

@@ -206,7 +206,7 @@ def adapter_to_proto(info: AdapterInfo, residency: str) -> pb.Adapter:
         adapter_id=info.adapter_id, base_model=info.base_model, rank=info.rank, lora_alpha=info.lora_alpha,
         rank_pattern=dict(info.ranks), alpha_pattern=dict(info.alphas), target_modules=list(info.target_modules),
         module_count=info.module_count, use_rslora=info.use_rslora, size_bytes=info.size_bytes, sha256=info.sha256,
-        residency=residency_to_proto(residency), registered_at=info.registered_at)
+        residency=residency_to_proto(residency), registered_at=info.registered_at, version=info.version)
 
 
 def adapter_from_proto(msg: pb.Adapter) -> tuple[AdapterInfo, str]:
@@ -216,7 +216,8 @@ def adapter_from_proto(msg: pb.Adapter) -> tuple[AdapterInfo, str]:
         adapter_id=msg.adapter_id, base_model=msg.base_model, rank=msg.rank, lora_alpha=_f32(msg.lora_alpha),
         target_modules=tuple(msg.target_modules), module_count=msg.module_count, use_rslora=msg.use_rslora,
         size_bytes=msg.size_bytes, sha256=msg.sha256, path="", registered_at=msg.registered_at,
-        ranks=dict(msg.rank_pattern), alphas={k: _f32(v) for k, v in msg.alpha_pattern.items()})
+        ranks=dict(msg.rank_pattern), alphas={k: _f32(v) for k, v in msg.alpha_pattern.items()},
+        version=msg.version)
     return info, residency_from_proto(msg.residency)
 
 

@@ -90,6 +90,28 @@ def build_train_config(request: JobRequest, model_config: ModelConfig, output_di
         raise
 
 
+def check_servable(config, base) -> None:
+    """Refuse a job whose adapter the server would refuse to register: the ``adapter_config.json`` the run of
+    ``config`` (a ``TrainConfig``) would write goes through the registry's own config check,
+    ``server.adapters.validation.check_adapter_config``, against ``base`` (the store's ``BaseModelSpec``).
+
+    Raises:
+        InvalidArgument: ``field`` is ``config.<name>`` (``config.r``: a rank above ``max_lora_rank``;
+            ``config.target_modules``: the LM head, embeddings, a norm or container, a module the base model
+            lacks), or ``config`` for a refusal of no single setting.
+    """
+    from server.adapters.validation import check_adapter_config
+    from trainer.train import adapter_config_json
+
+    try:
+        check_adapter_config(adapter_config_json(config, base.name), base)
+    except InvalidArgument as exc:
+        if exc.field in TRAINING_CONFIG_FIELDS:
+            raise InvalidArgument(f"{_bare_message(exc)} (the server would refuse the trained adapter)",
+                                  field=f"config.{exc.field}") from None
+        raise InvalidArgument(f"the server would refuse the trained adapter: {exc}", field="config") from None
+
+
 def describe_exit(returncode: int, job_dir: Path) -> str:
     """The ``error`` of a job whose worker exited with ``returncode`` (``Popen.returncode``: negative = killed by
     that signal): the worker's own ``error.json`` message when it wrote one, then the exit code or signal."""
@@ -332,6 +354,7 @@ class TrainingManager:
         config = build_train_config(JobRequest(request.adapter_id, str(dataset), request.replace, request.config),
                                     self._model_config, job_dir / worker_files.OUTPUT_SUBDIR)
         read_jsonl(dataset, field="dataset_path")  # every record well formed (tokenization happens in the worker)
+        check_servable(config, self._store.base)  # never train what registration would refuse
         with self._wake:  # the checks and the insert are atomic with respect to other creates
             if self._closing:
                 raise Cancelled("the server is shutting down")

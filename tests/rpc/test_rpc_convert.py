@@ -126,9 +126,9 @@ def test_finish_reasons():
 def test_adapter_round_trip():
     info = AdapterInfo(adapter_id="a", base_model="base", rank=16, lora_alpha=0.1, target_modules=("q_proj", "v_proj"),
                        module_count=60, use_rslora=True, size_bytes=123456789012, sha256="f" * 64, path="/store/a",
-                       registered_at=1700000000.25, ranks={"v_proj": 8}, alphas={"v_proj": 32.0})
+                       registered_at=1700000000.25, ranks={"v_proj": 8}, alphas={"v_proj": 32.0}, version=2**40 + 3)
     msg = convert.adapter_to_proto(info, "cpu")
-    assert msg.residency == pb.RESIDENCY_CPU and msg.rank_pattern["v_proj"] == 8
+    assert msg.residency == pb.RESIDENCY_CPU and msg.rank_pattern["v_proj"] == 8 and msg.version == 2**40 + 3
     back, residency = convert.adapter_from_proto(pb.Adapter.FromString(msg.SerializeToString()))
     assert residency == "cpu"
     assert back == AdapterInfo(**{**info.__dict__, "path": ""})  # float32 alpha 0.1 reads back as 0.1

@@ -59,8 +59,8 @@ def test_invalid_requests_name_the_field_and_create_no_job(served, tmp_path):
 
     served.adapters.RegisterAdapter(pb.RegisterAdapterRequest(
         adapter_id="taken", path=str(make_adapter(served.base_dir, tmp_path / "taken", seed=1))), timeout=30)
-    err = rpc_error(stub.CreateTrainingJob, pb.CreateTrainingJobRequest(adapter_id="taken", dataset_path=ds),
-                    timeout=30)
+    err = rpc_error(stub.CreateTrainingJob, pb.CreateTrainingJobRequest(adapter_id="taken", dataset_path=ds,
+                                                                         config=fast_config()), timeout=30)
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS and err.details().startswith("adapter_id: ")
     assert len(stub.ListTrainingJobs(pb.ListTrainingJobsRequest()).jobs) == before
 

@@ -123,7 +123,7 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("adapter_id", "base_model", "rank", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "module_count", "use_rslora", "size_bytes", "sha256", "residency", "registered_at")
+    __slots__ = ("adapter_id", "base_model", "rank", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "module_count", "use_rslora", "size_bytes", "sha256", "residency", "registered_at", "version")
     class RankPatternEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class Adapter(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     base_model: str
     rank: int
@@ -164,7 +165,8 @@ class Adapter(_message.Message):
     sha256: str
     residency: Residency
     registered_at: float
-    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., rank_pattern: _Optional[_Mapping[str, int]] = ..., alpha_pattern: _Optional[_Mapping[str, float]] = ..., target_modules: _Optional[_Iterable[str]] = ..., module_count: _Optional[int] = ..., use_rslora: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., residency: _Optional[_Union[Residency, str]] = ..., registered_at: _Optional[float] = ...) -> None: ...
+    version: int
+    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., rank_pattern: _Optional[_Mapping[str, int]] = ..., alpha_pattern: _Optional[_Mapping[str, float]] = ..., target_modules: _Optional[_Iterable[str]] = ..., module_count: _Optional[int] = ..., use_rslora: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., residency: _Optional[_Union[Residency, str]] = ..., registered_at: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "path", "replace")
