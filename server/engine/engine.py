@@ -152,7 +152,6 @@ class Engine:
         self._ids = itertools.count()
         self._stop = False
         self._dead = False
-        self._shut_down = False
         self._failure_listeners: list = []
         self._thread: threading.Thread | None = None
 
@@ -529,12 +528,12 @@ class Engine:
         """Finish ``seq`` once: release its id and slot pin, record metrics and the request log line, and put its
         final event. The final event is put whatever fails here (a failure while finishing is logged, and a
         finished answer is still delivered). The caller drops the row from the batch."""
-        if seq.done:
-            return
-        seq.done = True
-        now = time.monotonic()
-        with self._lock:
+        with self._lock:  # atomic: two threads ending one request (stop() and the loop) give one final event
+            if seq.done:
+                return
+            seq.done = True
             self._by_id.pop(seq.stream.request_id, None)
+        now = time.monotonic()
         event = None
         try:
             event = self._final_event(seq, reason, error, now)
