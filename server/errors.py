@@ -53,3 +53,10 @@ class DeadlineExceeded(ServerError):
     """The client's deadline passed before the request finished."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(ServerError):
+    """The service cannot take the request now (the engine is stopped or its thread died); retrying later, or on
+    another replica, may succeed."""
+
+    code = "UNAVAILABLE"

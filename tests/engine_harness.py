@@ -18,20 +18,23 @@ from tests.tiny_tokenizer import byte_tokenizer
 
 
 def build_engine(root: Path, base_dir: Path, sources: dict[str, Path], *, start: bool = True, request_log=None,
+                 compute_dtype: torch.dtype = torch.bfloat16, tokenizer=None,
                  **engine_kw) -> tuple[Engine, AdapterStore, Metrics]:
     """A fresh engine over its own store in ``root / "store"`` with every adapter in ``sources`` registered.
 
     ``engine_kw`` override :class:`EngineConfig` (defaults here: 4 slots, rank <= 16, host cache 4); contexts
-    are 128 tokens (the tiny model's limit). The caller stops the engine.
+    are 128 tokens (the tiny model's limit). ``compute_dtype`` is the NF4 compute dtype (float32 makes answers
+    independent of the batch's composition); ``tokenizer`` defaults to the 256-token byte tokenizer. The caller
+    stops the engine.
     """
     cfg = EngineConfig(**{"adapter_slots": 4, "max_lora_rank": 16, "cpu_adapter_cache": 4, **engine_kw})
-    model = load_nf4(base_dir)
+    model = load_nf4(base_dir, compute_dtype)
     router = attach_router(model, cfg.adapter_slots, cfg.max_lora_rank, torch.float32, cfg.max_batch_size)
     store = AdapterStore(Path(root) / "store", BaseModelSpec.from_model(model, TINY_NAME, cfg.max_lora_rank))
     for name, src in sources.items():
         store.register(name, src)
     metrics = Metrics()
-    engine = Engine(model, byte_tokenizer(), router, AdapterCache(store, router, cfg.cpu_adapter_cache, metrics),
+    engine = Engine(model, tokenizer or byte_tokenizer(), router, AdapterCache(store, router, cfg.cpu_adapter_cache, metrics),
                     cfg, metrics, max_total_tokens=128, request_log=request_log)
     if start:
         engine.start()

@@ -30,13 +30,14 @@ def save_tiny_base(parent: Path, seed: int = 0, name: str = "tiny-llama", **size
     return out
 
 
-def load_nf4(base_dir: Path):
-    """Load ``base_dir`` quantized to NF4 with double quantization and bfloat16 compute, on the CPU, in eval mode."""
+def load_nf4(base_dir: Path, compute_dtype: torch.dtype = torch.bfloat16):
+    """Load ``base_dir`` quantized to NF4 with double quantization and ``compute_dtype`` compute (bfloat16 by
+    default), on the CPU, in eval mode."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                            bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qc, dtype=torch.bfloat16,
+                            bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qc, dtype=compute_dtype,
                                                  device_map={"": "cpu"})
     return model.eval().requires_grad_(False)
 

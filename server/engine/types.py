@@ -10,6 +10,8 @@ from server.errors import InvalidArgument
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_EOS = "eos"
+#: Largest accepted ``seed`` (the proto field is a uint64; torch generators take 64-bit seeds).
+SEED_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -18,13 +20,16 @@ class SamplingParams:
 
     Attributes:
         max_new_tokens: most tokens to generate (tokens, >= 1).
-        temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
-        top_p: nucleus sampling mass in (0, 1]; 1 disables it.
-        top_k: keep the k most likely tokens; 0 disables it.
+        temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling. Any finite value
+            >= 0 is accepted: one so small that logits / T would overflow acts as greedy, a huge one tends to
+            uniform (see ``server.engine.sampling``).
+        top_p: nucleus sampling mass in (0, 1]; 1 disables it (any value in the range, subnormals included,
+            keeps at least the most likely token).
+        top_k: keep the k most likely tokens; 0 disables it; values above the vocabulary keep all.
         repetition_penalty: CTRL-style penalty (Keskar et al., 2019) on tokens already in prompt or output;
-            1 disables it.
+            1 disables it; any finite value > 0 is accepted (scores are clamped to float64's finite range).
         seed: seeds this request's own random generator, so a sampled answer is reproducible whatever else
-            shares the batch; None draws a fresh seed.
+            shares the batch; None draws a fresh seed; must be in 0 .. 2**64 - 1 (the proto's uint64).
         stop: strings that end generation when they appear in the output (they are not returned).
     """
 
@@ -49,6 +54,8 @@ class SamplingParams:
             raise InvalidArgument(f"must be >= 0, got {self.top_k}", field="top_k")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise InvalidArgument(f"must be > 0, got {self.repetition_penalty}", field="repetition_penalty")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise InvalidArgument(f"must be in 0..{SEED_MAX}, got {self.seed}", field="seed")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop strings must be non-empty", field="stop")
         if len(self.stop) > 16:

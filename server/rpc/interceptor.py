@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Callable
 
@@ -17,6 +18,42 @@ _LOG = logging.getLogger(__name__)
 FIELD_METADATA_KEY = "qlora-error-field"
 #: Status details sent for unexpected exceptions (the traceback goes to the server log only).
 INTERNAL_DETAILS = "internal error (see the server log)"
+#: A remaining time above this means the client set no deadline (gRPC reports an infinite-future deadline).
+NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600.0
+#: An RPC that the client ends within this many seconds of its deadline (and within
+#: :data:`DEADLINE_SLACK_FRACTION` of its whole timeout) counts as DEADLINE_EXCEEDED, not CANCELLED.
+DEADLINE_SLACK_SECONDS = 1.0
+DEADLINE_SLACK_FRACTION = 0.25
+
+
+def client_time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the client's deadline (>= 0), or None when it set none."""
+    remaining = context.time_remaining()
+    if remaining is None or not math.isfinite(remaining) or remaining > NO_DEADLINE_SECONDS:
+        return None
+    return max(0.0, remaining)
+
+
+class DeadlineClock:
+    """Tells whether an RPC that ended before its handler did ended because the client's deadline passed.
+
+    The client's own deadline timer usually fires first: it cancels the call, and that cancellation can reach the
+    server a little *before* the server's copy of the deadline (which starts when the request arrives, later than
+    the client started counting). Such an RPC still failed on its deadline, so an end that comes within
+    ``min(DEADLINE_SLACK_SECONDS, DEADLINE_SLACK_FRACTION * timeout)`` of the deadline counts as one; ``timeout``
+    is the time that was left when this clock was made (at the start of the handler).
+    """
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        self._budget = client_time_remaining(context)
+
+    def passed(self) -> bool:
+        """True when the client set a deadline and it has passed (within the slack above)."""
+        remaining = client_time_remaining(self._context)
+        if self._budget is None or remaining is None:
+            return False
+        return remaining <= min(DEADLINE_SLACK_SECONDS, DEADLINE_SLACK_FRACTION * self._budget)
 
 
 def status_code_for(error: ServerError) -> grpc.StatusCode:
@@ -29,12 +66,13 @@ def status_code_for(error: ServerError) -> grpc.StatusCode:
 
 class _Outcome:
     """Counts one RPC exactly once: with the code its handler ended with, or — when the RPC terminated before the
-    handler did — DEADLINE_EXCEEDED if the client's deadline had passed, else CANCELLED (cancel, disconnect)."""
+    handler did — DEADLINE_EXCEEDED if the client's deadline had passed (see :class:`DeadlineClock`), else
+    CANCELLED (cancel, disconnect)."""
 
     def __init__(self, metrics: Metrics, method: str, context: grpc.ServicerContext) -> None:
         self._metrics = metrics
         self._method = method
-        self._context = context
+        self._clock = DeadlineClock(context)
         self._lock = threading.Lock()
         self._done = False
 
@@ -46,8 +84,7 @@ class _Outcome:
         self._metrics.requests.labels(self._method, code).inc()
 
     def on_terminated(self) -> None:
-        remaining = self._context.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        expired = self._clock.passed()
         self.record((grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name)
 
 

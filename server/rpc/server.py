@@ -40,7 +40,8 @@ def build_grpc_server(app, host: str, port: int, *, health_servicer: health.Heal
     """Build (not start) the thread-pool gRPC server of ``app`` and bind it.
 
     It serves ``qlora_server.v1.Generation`` and ``Adapters`` (plus ``Training`` when ``training_servicer`` is
-    given), ``grpc.health.v1.Health`` (SERVING for ``""`` and every service name) and server reflection, all
+    given), ``grpc.health.v1.Health`` (SERVING for ``""`` and every service name; ``""`` and Generation turn
+    NOT_SERVING if the engine's loop thread dies) and server reflection, all
     behind one :class:`StatusInterceptor` that maps errors and counts ``app.metrics.requests``. The pool has
     ``app.config.rpc_workers`` threads; a streaming RPC holds one for its whole life.
 
@@ -77,6 +78,10 @@ def build_grpc_server(app, host: str, port: int, *, health_servicer: health.Heal
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    on_engine_failure = getattr(getattr(app, "engine", None), "on_failure", None)
+    if on_engine_failure is not None:  # the engine's loop thread died: nothing can be generated any more
+        on_engine_failure(lambda: [health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                                   for name in ("", GENERATION_SERVICE)])
     reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     address = format_address(host, port)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import time
@@ -14,15 +13,22 @@ import grpc
 
 from server.config import ADAPTER_ID_RE
 from server.engine.types import GenerationResult, Timings
-from server.errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, ResourceExhausted, ServerError
+from server.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServerError,
+)
 from server.rpc import convert
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
+from server.rpc.interceptor import DeadlineClock, client_time_remaining
 
 #: Prefix of the per-upload staging directories made inside the adapter store's root.
 STAGING_PREFIX = ".upload-"
-# A remaining time above this means the client set no deadline (gRPC reports an infinite-future deadline).
-_NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600.0
 _ZERO_TIMINGS = Timings(queue_seconds=0.0, ttft_seconds=0.0, total_seconds=0.0, tpot_seconds=0.0)
 
 
@@ -33,10 +39,15 @@ def new_request_id() -> str:
 
 def monotonic_deadline(context: grpc.ServicerContext) -> float | None:
     """The client's deadline as a ``time.monotonic()`` instant (seconds), or None when it set none."""
-    remaining = context.time_remaining()
-    if remaining is None or not math.isfinite(remaining) or remaining > _NO_DEADLINE_SECONDS:
-        return None
-    return time.monotonic() + remaining
+    remaining = client_time_remaining(context)
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _client_gone(clock: DeadlineClock) -> ServerError:
+    """What a request whose RPC ended early (client gone) ends with: its deadline, or a cancellation."""
+    if clock.passed():
+        return DeadlineExceeded("the client's deadline passed")
+    return Cancelled("the client cancelled the request")
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -46,24 +57,31 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     request (naming the field), NOT_FOUND for an unknown adapter, RESOURCE_EXHAUSTED when the engine's queue is
     full or the prompt too long, and whatever error the engine puts on the request's last event (deadline,
     cancellation, adapter unregistered mid-request). A client that cancels or disconnects stops the work via
-    ``stream.cancel``.
+    ``stream.cancel``, with DEADLINE_EXCEEDED when its deadline passed (so the request log agrees with the RPC's
+    status and ``qlora_server_requests_total``).
     """
 
     def __init__(self, app) -> None:
         self._app = app
 
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+        """Submit ``request``; returns the engine's stream and the RPC's :class:`DeadlineClock`."""
+        clock = DeadlineClock(context)
         req = convert.generation_request_from_proto(
             request, default_request_id=new_request_id(),
             max_new_tokens_limit=self._app.config.engine.max_new_tokens, deadline=monotonic_deadline(context))
         stream = self._app.engine.submit(req)
-        if not context.add_callback(stream.cancel):  # the RPC already ended (client gone)
-            stream.cancel()
-        return stream
+
+        def stop() -> None:
+            _stop(stream, context, clock)
+
+        if not context.add_callback(stop):  # the RPC already ended (client gone)
+            stop()
+        return stream, clock
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         """Run the request to its end and return the whole answer."""
-        stream = self._submit(request, context)
+        stream, clock = self._submit(request, context)
         parts: list[str] = []
         token_ids: list[int] = []
         finished = False
@@ -80,15 +98,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         token_ids=tuple(token_ids), finish_reason=event.finish_reason or "",
                         prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                         timings=event.timings or _ZERO_TIMINGS))
-            raise _ended_early(context)
+            raise _ended_early(context, clock)
         finally:
             if not finished:
-                stream.cancel()
+                _stop(stream, context, clock)
 
     def GenerateStream(self, request: pb.GenerateRequest,
                        context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
         """Stream the answer as text deltas; the last message carries finish reason, token counts and timings."""
-        stream = self._submit(request, context)
+        stream, clock = self._submit(request, context)
         finished = False
         try:
             for event in stream:
@@ -100,15 +118,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     return
                 if event.text:
                     yield convert.stream_event_to_proto(event)
-            raise _ended_early(context)
+            raise _ended_early(context, clock)
         finally:
             if not finished:
-                stream.cancel()
+                _stop(stream, context, clock)
 
 
-def _ended_early(context: grpc.ServicerContext) -> ServerError:
+def _stop(stream, context: grpc.ServicerContext, clock: DeadlineClock) -> None:
+    """Stop the engine's work for an RPC that ended (or is ending) before its final event; a no-op for a request
+    that already finished."""
+    stream.cancel(_client_gone(clock) if not context.is_active() else Cancelled("the RPC ended early"))
+
+
+def _ended_early(context: grpc.ServicerContext, clock: DeadlineClock) -> ServerError:
     if not context.is_active():
-        return Cancelled("the client cancelled the request")
+        return _client_gone(clock)
     return ServerError("the engine ended the request without a final event")
 
 

@@ -44,6 +44,7 @@ class FakeStream:
         self._events = events
         self._block = block
         self.cancelled = threading.Event()
+        self.cancel_error = None
 
     def __iter__(self):
         if self._block:
@@ -52,7 +53,9 @@ class FakeStream:
             return
         yield from self._events
 
-    def cancel(self) -> None:
+    def cancel(self, error=None) -> None:
+        if not self.cancelled.is_set():
+            self.cancel_error = error
         self.cancelled.set()
 
 

@@ -1,0 +1,51 @@
+"""The issue's bad sampling request against the real ``qlora-server serve`` process (tiny model): the stream beside
+it finishes OK, the bad request gets an answer, and SIGTERM still stops the server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
+from tests.server_process import start_server, stop_process
+from tests.tiny import save_tiny_base
+from tests.tiny_tokenizer import save_byte_tokenizer
+
+WAIT = 60.0  # seconds: bounded waits for liveness
+
+
+@pytest.fixture
+def server(tmp_path):
+    base = save_tiny_base(tmp_path)
+    save_byte_tokenizer(base)
+    srv = start_server(str(base), tmp_path / "store", tmp_path / "server.log", "--compute-dtype", "float32",
+                       "--log-json")
+    yield srv
+    stop_process(srv.proc, timeout_s=5)
+
+
+def test_bad_sampling_request_beside_a_stream_then_sigterm(server):
+    gen, _ = server.stubs()
+    neighbour = pb.GenerateRequest(prompt="hello there", max_new_tokens=60)
+    alone = gen.Generate(neighbour, timeout=WAIT).text
+    stream = gen.GenerateStream(neighbour, timeout=WAIT)
+    first = next(stream)  # the neighbour is decoding
+    bad = gen.Generate(pb.GenerateRequest(prompt="The capital of France is", max_new_tokens=4, temperature=1e-40,
+                                          seed=7), timeout=WAIT)
+    assert bad.finish_reason == pb.FINISH_REASON_LENGTH and bad.completion_tokens == 4
+    rest = list(stream)
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert first.text + "".join(p.text for p in rest) == alone
+
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        code = server.proc.wait(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server was still up {WAIT} s after SIGTERM")
+    assert code == 0
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    requests = [r for r in lines if r.get("event") == "request"]
+    assert [r["status"] for r in requests] == ["OK"] * 3  # alone, the bad one, the stream: one line each
