@@ -121,8 +121,8 @@ def job_from_proto(msg: pb.TrainingJob) -> Job:
 
     return Job(job_id=msg.job_id, state=job_state_from_proto(msg.state), adapter_id=msg.adapter_id, step=msg.step,
                total_steps=msg.total_steps, loss=opt("loss"), eval_loss=opt("eval_loss"), error=msg.error,
-               phase=job_phase_from_proto(msg.phase), created_at=msg.created_at, started_at=opt("started_at"), finished_at=opt("finished_at"),
-               output_dir=msg.output_dir)
+               phase=job_phase_from_proto(msg.phase), created_at=msg.created_at, started_at=opt("started_at"),
+               finished_at=opt("finished_at"), output_dir=msg.output_dir)
 
 
 def job_event_to_proto(event: JobEvent) -> pb.TrainingJobEvent:

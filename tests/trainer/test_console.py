@@ -1,4 +1,4 @@
-"""What a person sees and does: plain progress lines through a pipe, ETA format, and Ctrl-C on a real trainer process."""
+"""What a person sees and does: plain progress lines through a pipe, the ETA, Ctrl-C on a real trainer process."""
 
 from __future__ import annotations
 

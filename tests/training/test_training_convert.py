@@ -51,7 +51,8 @@ def test_request_job_and_event_round_trip():
     assert not msg.HasField("eval_loss") and not msg.HasField("finished_at") and msg.HasField("loss")
     back = conv.job_from_proto(msg)
     assert back == Job(job_id="job-1", state="running", adapter_id="a", step=3, total_steps=10, loss=1.25,
-                       phase="evaluating", created_at=100.5, started_at=101.0, output_dir="/s/jobs/job-1")  # server-only fields dropped
+                       phase="evaluating", created_at=100.5, started_at=101.0,
+                       output_dir="/s/jobs/job-1")  # server-only fields dropped
     event = JobEvent(back, "step 3/10")
     assert conv.job_event_from_proto(conv.job_event_to_proto(event)) == event
 
