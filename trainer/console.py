@@ -9,8 +9,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 #: Told on stderr at the first Ctrl-C.
-STOP_NOTICE = ("stopping after the current step (a complete checkpoint is kept, no adapter is written); Ctrl-C "
-               "again to abort at once")
+STOP_NOTICE = "stopping after the current step; Ctrl-C again to abort at once (nothing half-written is kept)"
 
 
 def format_duration(seconds: float | None) -> str:

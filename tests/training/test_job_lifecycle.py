@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.config import ModelConfig
 from server.errors import InvalidArgument, NotFound
@@ -227,3 +229,27 @@ def test_a_version_1_database_gains_the_phase_column(tmp_path):
         store.close()
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.floats(0.0, 20.0)), max_size=4), min_size=1, max_size=5))
+def test_training_gauges_only_ever_show_the_current_or_last_job(jobs):
+    """Any sequence of jobs, each with any number of steps (None = a step event without a loss): loss and throughput
+    exist only after a step that set them, only for one job, and the ended job keeps its last values."""
+    metrics = Metrics()
+    sample = metrics.registry.get_sample_value
+    for n, losses in enumerate(jobs):
+        job_id = f"job-{n}"
+        metrics.training_job_started(job_id)
+        last_loss = None
+        for step_no, loss in enumerate(losses, start=1):
+            metrics.training_job_progress(job_id, step=step_no, loss=loss, tokens_per_second=10.0 * step_no)
+            last_loss = loss if loss is not None else last_loss
+            assert sample("qlora_server_training_loss", {"job_id": job_id}) == last_loss
+        metrics.training_job_ended(job_id)
+        exposition = _exposition(metrics)
+        for name in ("step", "loss", "tokens_per_second"):
+            assert {line.split('"')[1] for line in _samples(exposition, f"qlora_server_training_{name}")} <= {job_id}
+        assert sample("qlora_server_training_step", {"job_id": job_id}) == len(losses)
+        assert sample("qlora_server_training_loss", {"job_id": job_id}) == last_loss
+        assert sample("qlora_server_training_tokens_per_second", {"job_id": job_id}) == (0 if losses else None)
