@@ -113,13 +113,18 @@ class Metrics:
                                      ["component"], registry=r)
         # Training
         self.training_jobs = Gauge("qlora_server_training_jobs", "Training jobs by state.", ["state"], registry=r)
-        self.training_step = Gauge("qlora_server_training_step", "Current step of the running training job.",
+        self.training_step = Gauge("qlora_server_training_step",
+                                   "Optimizer steps done by the running (or last) training job.", ["job_id"],
                                    registry=r)
-        self.training_loss = Gauge("qlora_server_training_loss", "Latest training loss of the running job.",
-                                   registry=r)
+        self.training_loss = Gauge("qlora_server_training_loss",
+                                   "Latest training loss (nats) of the running (or last) job; absent before its "
+                                   "first step.", ["job_id"], registry=r)
         self.training_tokens_per_second = Gauge("qlora_server_training_tokens_per_second",
-                                                "Training throughput of the running job (tokens per second).",
+                                                "Training throughput of the running job (tokens per second); 0 "
+                                                "once it ended, absent before its first step.", ["job_id"],
                                                 registry=r)
+        self._training_job: str | None = None  # the job whose training series exist
+        self._training_throughput: set[str] = set()  # jobs with a tokens/s series
         for tier in TIERS:
             for family in (self.adapter_cache_hits, self.adapter_cache_misses, self.adapter_loads,
                            self.adapter_evictions, self.adapter_load_latency, self.adapters_resident):
@@ -140,6 +145,41 @@ class Metrics:
                 self._labels.add(adapter_id)
                 return adapter_id
         return OTHER_ADAPTER
+
+    def training_job_started(self, job_id: str) -> None:
+        """A training job started: drop the previous job's ``training_step`` / ``_loss`` / ``_tokens_per_second``
+        series and start this one's at step 0. Its loss and throughput have no sample until its first step."""
+        with self._lock:
+            previous, self._training_job = self._training_job, job_id
+            self._training_throughput.clear()
+        if previous is not None:
+            for gauge in (self.training_step, self.training_loss, self.training_tokens_per_second):
+                try:
+                    gauge.remove(previous)
+                except KeyError:
+                    pass
+        self.training_step.labels(job_id).set(0)
+
+    def training_job_progress(self, job_id: str, step: int | None = None, loss: float | None = None,
+                              tokens_per_second: float | None = None) -> None:
+        """Record the running job's progress (steps, loss in nats, tokens per second); None leaves a value as it
+        is."""
+        if step is not None:
+            self.training_step.labels(job_id).set(step)
+        if loss is not None:
+            self.training_loss.labels(job_id).set(loss)
+        if tokens_per_second is not None:
+            with self._lock:
+                self._training_throughput.add(job_id)
+            self.training_tokens_per_second.labels(job_id).set(tokens_per_second)
+
+    def training_job_ended(self, job_id: str) -> None:
+        """A training job ended (any way): its step and loss series stay, labelled with its id, until the next job
+        starts; its throughput drops to 0 (if it had one)."""
+        with self._lock:
+            had_throughput = job_id in self._training_throughput
+        if had_throughput:
+            self.training_tokens_per_second.labels(job_id).set(0)
 
     def sample_memory(self, device: str = "cuda") -> None:
         """Refresh :attr:`memory_bytes` for the device type the model runs on (``device``: ``"cuda"``,

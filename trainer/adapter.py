@@ -95,11 +95,50 @@ def inspect_adapter(path: str | Path) -> AdapterSummary:
                           num_parameters=numel, weights_file=weights, config=cfg)
 
 
+def process_umask() -> int:
+    """The process's file-mode creation mask (e.g. ``0o022``).
+
+    Read from ``/proc/self/status`` where the kernel reports it (Linux >= 4.7); elsewhere it is read by setting
+    and restoring it with ``os.umask``, which is briefly visible to other threads."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(root: Path) -> None:
+    """Give ``root`` and everything below it the permission bits a plain ``open`` / ``mkdir`` gets under the
+    process umask: files ``0o666 & ~umask``, directories ``0o777 & ~umask`` (``0o644`` / ``0o755`` under the usual
+    ``0o022``; ``0o600`` / ``0o700`` under ``0o077``).
+
+    Libraries write some files privately whatever the umask (``tempfile.mkdtemp`` makes ``0o700`` directories,
+    safetensors writes ``0o600`` files), so an adapter or checkpoint would be unreadable to a server running as
+    another user (as in the Docker image). Symbolic links are left alone.
+
+    Raises:
+        OSError: a path cannot be changed (e.g. it belongs to another user).
+    """
+    mask = process_umask()
+    root = Path(root)
+    paths = [root] + sorted(root.rglob("*")) if root.is_dir() else [root]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     """Create directory ``target`` by calling ``fill(tmp)`` on a fresh temporary sibling and renaming it into place.
 
     A failure (or a crash) inside ``fill`` leaves no ``target``; only a ``.<name>.tmp-*`` sibling may remain after a
-    hard kill, which ``remove_stale_temps`` deletes.
+    hard kill, which ``remove_stale_temps`` deletes. The directory and its files get the process umask's modes
+    (``apply_umask_modes``).
 
     Raises:
         AlreadyExists: ``target`` exists.
@@ -111,7 +150,7 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter is meant to be read by the server
+        apply_umask_modes(tmp)  # mkdtemp and safetensors write privately; the adapter is meant for the server
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

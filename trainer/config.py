@@ -70,9 +70,12 @@ class TrainConfig:
         seed: seeds Python, NumPy and torch, the data order and the train/eval split.
         eval_fraction: share of ``dataset`` held out for the eval loss when ``eval_dataset`` is absent (0 = no eval).
         eval_steps: evaluate every N optimizer steps (0 = only at the end).
+        eval_max_examples: evaluate on at most this many held-out examples (the first ones of the shuffled split,
+            or of ``eval_dataset``), so an evaluation takes seconds, not minutes, on a CPU.
         save_steps: write a resumable checkpoint (adapter, optimizer, scheduler, RNG) every N optimizer steps.
         save_total_limit: checkpoints kept (oldest deleted first).
-        logging_steps: record the mean training loss in the trainer state every N steps.
+        logging_steps: record the mean training loss in the trainer state, and print a progress line when the
+            output is not a terminal, every N steps.
         zero_loss_patience: stop with an error when the training loss is exactly 0 on this many consecutive steps.
         compute_dtype: bitsandbytes 4-bit compute dtype and dtype of every unquantized base weight; ``"auto"``
             (default) resolves on the training device exactly as the server does (``server.model.dtype``), so a
@@ -108,6 +111,7 @@ class TrainConfig:
     seed: int = 42
     eval_fraction: float = 0.1
     eval_steps: int = 0
+    eval_max_examples: int = 64
     save_steps: int = 50
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -139,11 +143,12 @@ class TrainConfig:
                      "must be null (all linear layers of the blocks) or a non-empty list of module names")
             object.__setattr__(self, "target_modules", tuple(mods))
         for name in ("r", "max_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "seed",
-                     "eval_steps", "save_steps", "save_total_limit", "logging_steps", "zero_loss_patience"):
+                     "eval_steps", "eval_max_examples", "save_steps", "save_total_limit", "logging_steps",
+                     "zero_loss_patience"):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer")
-        for name in ("r", "batch_size", "gradient_accumulation_steps", "save_steps", "save_total_limit",
-                     "logging_steps", "zero_loss_patience"):
+        for name in ("r", "batch_size", "gradient_accumulation_steps", "eval_max_examples", "save_steps",
+                     "save_total_limit", "logging_steps", "zero_loss_patience"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         _require(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = use num_epochs)")
         _require(self.eval_steps >= 0, "eval_steps", "must be >= 0 (0 = only at the end)")

@@ -7,6 +7,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from server.errors import AlreadyExists, Cancelled, FailedPrecondition, ServerError
 from trainer import data as data_mod
 from trainer.adapter import (
+    apply_umask_modes,
     inspect_adapter,
     model_card,
     remove_stale_temps,
@@ -26,11 +28,18 @@ from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-#: ``on_progress`` receives one of these dicts per optimizer step (``event="step"``), per evaluation
-#: (``"eval"``) and once at the end (``"done"``). Keys: event, step, total_steps, loss (mean token cross-entropy of
-#: the step, nats), eval_loss (latest, or None), tokens_per_second (non-padding tokens since this call started /
-#: wall seconds), learning_rate (the LR the step used), epoch, elapsed_seconds.
+#: ``on_progress`` receives one of these dicts per optimizer step (``event="step"``), per evaluation (``"eval"``),
+#: per evaluation batch (``"eval_progress"``, with ``eval_examples_done`` / ``eval_examples_total``), per change of
+#: phase (``"phase"``) and once at the end (``"done"``). Keys of every event: event, phase (one of ``PHASES``),
+#: step, total_steps (0 until training starts), loss (mean token cross-entropy of the latest step, nats; None
+#: before the first), eval_loss (latest, or None), tokens_per_second (non-padding tokens since training started
+#: / wall seconds), learning_rate (the LR the step used), epoch, elapsed_seconds, eta_seconds (seconds to the
+#: last step at this call's pace; None before its first step).
 ProgressFn = Callable[[dict[str, Any]], None]
+#: Phases of a run, in order: loading (tokenizer, data, base model), training (optimizer steps, with checkpoint
+#: saves), evaluating (held-out loss; also between training steps when ``eval_steps`` is set), saving (the
+#: adapter directory). A server job adds ``registering`` after them.
+PHASES = ("loading", "training", "evaluating", "saving")
 
 #: Config fields that define the result; ``resume`` refuses a checkpoint written with different values.
 _RESUME_FIELDS = ("model", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "learning_rate",
@@ -181,7 +190,8 @@ def _dtype_report(model: torch.nn.Module) -> dict[str, int]:
 
 
 class _Monitor:
-    """Per-step bookkeeping shared by the Trainer subclass (micro-batch losses) and a TrainerCallback."""
+    """Per-step bookkeeping shared by the Trainer subclass (micro-batch losses) and a TrainerCallback: guards,
+    progress events (see ``ProgressFn``), the current phase, and stop requests."""
 
     def __init__(self, config: TrainConfig, on_progress: ProgressFn | None, should_stop: Callable[[], bool] | None):
         self.config = config
@@ -196,7 +206,15 @@ class _Monitor:
         self.eval_step = -1
         self.zero_streak = 0
         self.stopped = False
+        self.phase = ""
+        self.step = 0
+        self.total_steps = 0
+        self.epoch = 0.0
+        self.training = False
+        self.eval_done = 0
+        self.eval_total = 0
         self.t0 = time.monotonic()
+        self.train_t0: float | None = None
 
     def micro_batch(self, loss: float, tokens: int, lr: float, step: int) -> None:
         if not math.isfinite(loss):
@@ -206,7 +224,13 @@ class _Monitor:
         self.step_tokens += tokens
         self.lr = lr
 
+    def sync(self, state) -> None:
+        """Take step, planned steps and epoch from the Trainer's state."""
+        self.step, self.total_steps = int(state.global_step), int(state.max_steps)
+        self.epoch = float(state.epoch or 0.0)
+
     def end_step(self, state) -> None:
+        self.sync(state)
         loss, self.step_loss = self.step_loss, 0.0
         self.tokens += self.step_tokens
         self.step_tokens = 0
@@ -216,35 +240,76 @@ class _Monitor:
             raise TrainingDiverged(f"training loss has been exactly 0 for {self.zero_streak} steps (up to step "
                                    f"{state.global_step}): no supervised tokens reach the loss or the model is "
                                    "broken", field="dataset")
-        self.emit("step", state, loss)
+        self.emit("step", loss)
 
-    def emit(self, event: str, state, loss: float | None) -> None:
+    def set_phase(self, phase: str) -> None:
+        """Enter ``phase`` (one of ``PHASES``) and report it (an event ``"phase"``) if it changed."""
+        if phase != self.phase:
+            self.phase = phase
+            self.emit("phase", self.history[-1] if self.history else None)
+
+    def eta_seconds(self) -> float | None:
+        """Seconds left to the last step at this call's mean pace (steps and evaluations so far); None before
+        the first step of this call."""
+        if self.train_t0 is None or not self.history or self.total_steps <= 0:
+            return None
+        per_step = (time.monotonic() - self.train_t0) / len(self.history)
+        return max(0, self.total_steps - self.step) * per_step
+
+    def emit(self, event: str, loss: float | None, **extra: Any) -> None:
         if self.on_progress is None:
             return
-        elapsed = time.monotonic() - self.t0
-        self.on_progress({
+        now = time.monotonic()
+        elapsed = now - self.t0
+        trained = now - self.train_t0 if self.train_t0 is not None else 0.0
+        record = {
             "event": event,
-            "step": int(state.global_step),
-            "total_steps": int(state.max_steps),
+            "phase": self.phase,
+            "step": self.step,
+            "total_steps": self.total_steps,
             "loss": loss,
             "eval_loss": self.eval_loss,
-            "tokens_per_second": self.tokens / elapsed if elapsed > 0 else 0.0,
+            "tokens_per_second": self.tokens / trained if trained > 0 else 0.0,
             "learning_rate": self.lr,
-            "epoch": float(state.epoch or 0.0),
+            "epoch": self.epoch,
             "elapsed_seconds": elapsed,
-        })
+            "eta_seconds": self.eta_seconds(),
+        }
+        record.update(extra)
+        self.on_progress(record)
 
 
 def _make_callback(monitor: _Monitor):
     from transformers import TrainerCallback
 
     class _MonitorCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            monitor.sync(state)
+            monitor.training = True
+            monitor.train_t0 = time.monotonic()
+            monitor.set_phase("training")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            monitor.training = False
+
         def on_step_end(self, args, state, control, **kwargs):
             monitor.end_step(state)
             if monitor.should_stop is not None and monitor.should_stop():
                 monitor.stopped = True
                 control.should_save = True
                 control.should_training_stop = True
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            monitor.eval_done = min(monitor.eval_total, monitor.eval_done + args.per_device_eval_batch_size)
+            monitor.emit("eval_progress", monitor.history[-1] if monitor.history else None,
+                         eval_examples_done=monitor.eval_done, eval_examples_total=monitor.eval_total)
+
+        def on_save(self, args, state, control, **kwargs):
+            # The Trainer (and safetensors, which writes 0600) made the checkpoint; give it the process umask's
+            # modes so that a server running as another user can read (and register) it.
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                apply_umask_modes(folder)
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             value = (metrics or {}).get("eval_loss")
@@ -254,7 +319,7 @@ def _make_callback(monitor: _Monitor):
                     raise TrainingDiverged(f"eval loss is {value} at step {state.global_step}", field="learning_rate")
                 monitor.eval_loss = value
                 monitor.eval_step = int(state.global_step)
-                monitor.emit("eval", state, monitor.history[-1] if monitor.history else None)
+                monitor.emit("eval", monitor.history[-1] if monitor.history else None)
 
     return _MonitorCallback()
 
@@ -263,7 +328,8 @@ def _make_trainer_class():
     from transformers import Trainer
 
     class _QLoRATrainer(Trainer):
-        """transformers' Trainer plus a per-micro-batch loss check (NaN/inf stops before the optimizer step)."""
+        """transformers' Trainer plus a per-micro-batch loss check (NaN/inf stops before the optimizer step) and
+        the ``evaluating`` phase around every evaluation."""
 
         def __init__(self, *args, monitor: _Monitor, **kwargs):
             super().__init__(*args, **kwargs)
@@ -276,6 +342,16 @@ def _make_trainer_class():
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._monitor.micro_batch(float(loss), tokens, lr, self.state.global_step)
             return loss
+
+        def evaluate(self, *args, **kwargs):
+            monitor = self._monitor
+            monitor.eval_done = 0
+            monitor.eval_total = len(self.eval_dataset) if self.eval_dataset is not None else 0
+            monitor.set_phase("evaluating")
+            metrics = super().evaluate(*args, **kwargs)
+            if monitor.training:
+                monitor.set_phase("training")
+            return metrics
 
     return _QLoRATrainer
 
@@ -299,6 +375,24 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
         if best is None or step > best[0]:
             best = (step, p)
     return best[1] if best else None
+
+
+def _checkpoint_dirs(checkpoint_dir: Path) -> list[Path]:
+    if not Path(checkpoint_dir).is_dir():
+        return []
+    return [p for p in Path(checkpoint_dir).iterdir()
+            if p.is_dir() and p.name.startswith("checkpoint-") and p.name[len("checkpoint-"):].isdigit()]
+
+
+def remove_incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Delete every ``checkpoint-N`` directory under ``checkpoint_dir`` that lacks a file a resume needs (a save
+    cut short by an abort or a crash); returns the directories removed. Complete checkpoints are left alone."""
+    removed = []
+    for p in _checkpoint_dirs(checkpoint_dir):
+        if not all((p / f).is_file() for f in _CHECKPOINT_FILES):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _manifest(config: TrainConfig, data_sha: str, eval_sha: str | None) -> dict[str, Any]:
@@ -380,8 +474,11 @@ class TrainingSession:
         else:
             train_examples, eval_examples = data_mod.split_train_eval(examples, cfg.eval_fraction, cfg.seed)
         n_trunc = sum(e.truncated for e in train_examples)
-        log.info("data: %d train / %d eval examples (%d truncated), %d train tokens", len(train_examples),
-                 len(eval_examples), n_trunc, sum(len(e.input_ids) for e in train_examples))
+        held_out = len(eval_examples)
+        eval_examples = eval_examples[:cfg.eval_max_examples]
+        log.info("data: %d train / %d held-out examples (%d truncated), %d train tokens; evaluating on %d of them "
+                 "(eval_max_examples)", len(train_examples), held_out, n_trunc,
+                 sum(len(e.input_ids) for e in train_examples), len(eval_examples))
         return train_examples, eval_examples, data_sha, eval_sha
 
     def _load_model(self):
@@ -392,6 +489,12 @@ class TrainingSession:
         base, _, info = load_base_model(self.config.model_config())
         self.compute_dtype = f"{info.compute_dtype} ({info.compute_dtype_reason})"
         prepare_for_qlora_training(base, self.config.gradient_checkpointing)
+        # The base was loaded from a local path (for the embedded model, its converted copy in the cache); every
+        # adapter we write -- checkpoints included, and PEFT's model card in them -- names the model the user asked
+        # for instead (the hub id of the embedded model, or the user's own path / hub id).
+        base.name_or_path = self.model_name
+        if getattr(base, "config", None) is not None:
+            base.config._name_or_path = self.model_name
         import transformers
 
         transformers.set_seed(self.config.seed)  # LoRA A's initialisation draws from the torch RNG
@@ -401,6 +504,8 @@ class TrainingSession:
             model = PeftModel.from_pretrained(base, str(self.config.init_adapter), is_trainable=True)
         else:
             model = get_peft_model(base, lora_config(self.config))
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = self.model_name
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("model %s on %s: %d trainable LoRA parameters; parameter dtypes %s", info.name, info.device,
                  trainable, _dtype_report(model))
@@ -447,8 +552,6 @@ class TrainingSession:
 
     def _write_adapter(self, model, result_fields: dict[str, Any], data_sha: str, eval_sha: str | None) -> Path:
         cfg = self.config
-        for peft_cfg in model.peft_config.values():
-            peft_cfg.base_model_name_or_path = self.model_name
         hyper = {k: v for k, v in cfg.to_dict().items()
                  if k not in ("dataset", "eval_dataset", "output_dir", "cache_dir", "adapter_id", "device")}
         if hyper["target_modules"] is None:
@@ -480,6 +583,7 @@ class TrainingSession:
         if cfg.adapter_dir.exists():
             raise AlreadyExists(f"{cfg.adapter_dir} exists: this run already finished", field="output_dir")
         remove_stale_temps(cfg.adapter_dir)
+        remove_incomplete_checkpoints(cfg.checkpoint_dir)
         checkpoint = last_complete_checkpoint(cfg.checkpoint_dir)
         if checkpoint is not None and not self.resume:
             raise AlreadyExists(f"{cfg.checkpoint_dir} holds checkpoints of an earlier run; resume it or use another "
@@ -487,9 +591,9 @@ class TrainingSession:
         if self.resume and checkpoint is None:
             log.warning("resume requested but %s holds no complete checkpoint; starting from step 0",
                         cfg.checkpoint_dir)
-        if checkpoint is None and cfg.checkpoint_dir.exists():
-            shutil.rmtree(cfg.checkpoint_dir)  # only incomplete checkpoints: worthless
 
+        monitor = _Monitor(cfg, self.on_progress, self.should_stop)
+        monitor.set_phase("loading")
         tok = self._load_tokenizer()
         train_ex, eval_ex, data_sha, eval_sha = self._load_data(tok)  # whole files validated before any training
         manifest = _manifest(cfg, data_sha, eval_sha)
@@ -502,11 +606,14 @@ class TrainingSession:
 
         model = self._load_model()
         self.model, self.tokenizer = model, tok
-        monitor = _Monitor(cfg, self.on_progress, self.should_stop)
+        args = self._training_args(len(eval_ex))
+        if args.use_cpu or not torch.cuda.is_available():
+            log.info("optimizer %s: bitsandbytes pages optimizer state only on CUDA; on the CPU it keeps ordinary "
+                     "(non-paged) %s state", cfg.optim, "8-bit" if cfg.optim.endswith("8bit") else "32-bit")
         trainer_cls = _make_trainer_class()
         trainer = trainer_cls(
             model=model,
-            args=self._training_args(len(eval_ex)),
+            args=args,
             train_dataset=data_mod.to_features(train_ex),
             eval_dataset=data_mod.to_features(eval_ex) if eval_ex else None,
             data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=data_mod.IGNORE_INDEX,
@@ -517,12 +624,24 @@ class TrainingSession:
         trainer.remove_callback(PrinterCallback)
         self.trainer = trainer
         resumed_from = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("stopped on request before training started; nothing was trained"
+                            + (f" and {checkpoint} is kept" if checkpoint is not None else ""))
         if checkpoint is not None:
             log.info("resuming from %s", checkpoint)
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        try:
+            with warnings.catch_warnings():
+                # Said once above, in words that fit (bitsandbytes warns from inside the optimizer).
+                warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        except BaseException:
+            # An abort (a second Ctrl-C, an error) may cut a checkpoint save short: never leave half of one.
+            remove_incomplete_checkpoints(cfg.checkpoint_dir)
+            raise
         if monitor.stopped and trainer.state.global_step < trainer.state.max_steps:
-            raise Cancelled(f"stopped on request at step {trainer.state.global_step}; a checkpoint was saved and "
-                            "resume=True continues from it")
+            kept = last_complete_checkpoint(cfg.checkpoint_dir)
+            raise Cancelled(f"stopped on request after step {trainer.state.global_step}; kept: checkpoint {kept} "
+                            "(complete); no adapter was written; resume continues from the checkpoint")
         if not monitor.history:
             raise FailedPrecondition(f"no training step ran (checkpoint at step {resumed_from} already reached "
                                      f"{trainer.state.max_steps} steps)", field="max_steps")
@@ -539,11 +658,12 @@ class TrainingSession:
                    "eval loss": "n/a" if eval_loss is None else f"{eval_loss:.4f}",
                    "train examples": len(train_ex), "eval examples": len(eval_ex),
                    "wall seconds (this call)": f"{time.monotonic() - t0:.0f}"}
+        monitor.set_phase("saving")
         adapter_dir = self._write_adapter(model, results, data_sha, eval_sha)
         result = TrainResult(adapter_dir=adapter_dir, train_loss=train_loss, eval_loss=eval_loss, steps=steps,
                              seconds=time.monotonic() - t0, data_sha256=data_sha,
                              loss_history=tuple(monitor.history), resumed_from_step=resumed_from)
-        monitor.emit("done", trainer.state, train_loss)
+        monitor.emit("done", train_loss)
         log.info("adapter written to %s (%d steps, train loss %.4f, eval loss %s, %.0f s)", adapter_dir, steps,
                  train_loss, eval_loss, result.seconds)
         return result
@@ -558,12 +678,15 @@ def train(config: TrainConfig, on_progress: ProgressFn | None = None, resume: bo
 
     Args:
         config: the run's settings.
-        on_progress: called with a progress dict (see ``ProgressFn``) after every optimizer step, evaluation and at
-            the end; an exception it raises aborts the run.
+        on_progress: called with a progress dict (see ``ProgressFn``) at every phase change, after every optimizer
+            step, evaluation batch and evaluation, and at the end; an exception it raises aborts the run.
         resume: continue from the last complete checkpoint in ``config.checkpoint_dir`` (start fresh if none);
             the data files and result-defining settings must be unchanged.
-        should_stop: polled after every optimizer step; when it returns True a checkpoint is saved and
-            ``Cancelled`` is raised (``resume=True`` continues later).
+        should_stop: polled before training starts and after every optimizer step; when it returns True the
+            current step is finished, a complete checkpoint is saved (none before the first step), no adapter is
+            written and ``Cancelled`` is raised (``resume=True`` continues later). An exception raised meanwhile
+            (e.g. ``KeyboardInterrupt`` from a second Ctrl-C) aborts at once: incomplete checkpoints are deleted,
+            complete ones are kept, and no adapter is written.
 
     Returns:
         ``TrainResult``.

@@ -15,6 +15,10 @@ from server.training.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, 
 _STATE_TO_PROTO = {QUEUED: pb.JOB_STATE_QUEUED, RUNNING: pb.JOB_STATE_RUNNING, SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
                    FAILED: pb.JOB_STATE_FAILED, CANCELLED: pb.JOB_STATE_CANCELLED}
 _STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
+_PHASE_TO_PROTO = {"loading": pb.JOB_PHASE_LOADING, "training": pb.JOB_PHASE_TRAINING,
+                   "evaluating": pb.JOB_PHASE_EVALUATING, "saving": pb.JOB_PHASE_SAVING,
+                   "registering": pb.JOB_PHASE_REGISTERING}
+_PHASE_FROM_PROTO = {v: k for k, v in _PHASE_TO_PROTO.items()}
 #: ``TrainingConfig`` scalar fields (all ``optional`` on the wire) and whether the wire type is float32.
 _SCALAR_CONFIG_FIELDS = {"r": False, "lora_alpha": True, "lora_dropout": True, "use_rslora": False,
                          "learning_rate": False, "max_steps": False, "num_epochs": False, "batch_size": False,
@@ -35,6 +39,17 @@ def job_state_to_proto(state: str) -> int:
 def job_state_from_proto(value: int) -> str:
     """``JobState`` value → ``"queued"`` … ``"cancelled"``; UNSPECIFIED or unknown → ``"unspecified"``."""
     return _STATE_FROM_PROTO.get(value, UNSPECIFIED_STATE)
+
+
+def job_phase_to_proto(phase: str) -> int:
+    """``"loading"`` … ``"registering"`` → ``JobPhase`` value; ``""`` (never ran) or anything else →
+    ``JOB_PHASE_UNSPECIFIED``."""
+    return _PHASE_TO_PROTO.get(phase, pb.JOB_PHASE_UNSPECIFIED)
+
+
+def job_phase_from_proto(value: int) -> str:
+    """``JobPhase`` value → ``"loading"`` … ``"registering"``; UNSPECIFIED or unknown → ``""``."""
+    return _PHASE_FROM_PROTO.get(value, "")
 
 
 def training_config_from_proto(msg: pb.TrainingConfig) -> dict[str, Any]:
@@ -91,7 +106,7 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
     """:class:`Job` → ``TrainingJob`` (server-only fields — dataset, config, pid, replace — are not sent)."""
     msg = pb.TrainingJob(job_id=job.job_id, state=job_state_to_proto(job.state), adapter_id=job.adapter_id,
                          step=job.step, total_steps=job.total_steps, error=job.error, created_at=job.created_at,
-                         output_dir=job.output_dir)
+                         output_dir=job.output_dir, phase=job_phase_to_proto(job.phase))
     for name in ("loss", "eval_loss", "started_at", "finished_at"):
         value = getattr(job, name)
         if value is not None:
@@ -106,8 +121,8 @@ def job_from_proto(msg: pb.TrainingJob) -> Job:
 
     return Job(job_id=msg.job_id, state=job_state_from_proto(msg.state), adapter_id=msg.adapter_id, step=msg.step,
                total_steps=msg.total_steps, loss=opt("loss"), eval_loss=opt("eval_loss"), error=msg.error,
-               created_at=msg.created_at, started_at=opt("started_at"), finished_at=opt("finished_at"),
-               output_dir=msg.output_dir)
+               phase=job_phase_from_proto(msg.phase), created_at=msg.created_at, started_at=opt("started_at"),
+               finished_at=opt("finished_at"), output_dir=msg.output_dir)
 
 
 def job_event_to_proto(event: JobEvent) -> pb.TrainingJobEvent:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -57,9 +56,10 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     """``train CONFIG [--adapter-id ID] [--resume] [--register | --upload] [--replace] [--target HOST:PORT]``:
     run the trainer in this process with a progress bar; optionally register the result with a server."""
     p = sub.add_parser("train", help="train a LoRA adapter locally",
-                       description="Run a QLoRA training run in this process (Ctrl-C stops it at the next step "
-                       "with a checkpoint; --resume continues) and optionally register the adapter with a running "
-                       "server.")
+                       description="Run a QLoRA training run in this process and optionally register the adapter "
+                       "with a running server. Ctrl-C finishes the current step, keeps a complete checkpoint and "
+                       "stops (--resume continues); a second Ctrl-C aborts at once. When stdout is not a terminal, "
+                       "progress is printed as plain lines every logging_steps steps.")
     p.add_argument("config", type=Path, help="TrainConfig file (.yaml, .yml or .json)")
     p.add_argument("--adapter-id", default=None, help="adapter id (default: the config's adapter_id)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
@@ -82,11 +82,13 @@ def _progress_console():
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``train``; returns the exit status: 0 done (and registered), 1 training failed or the registration
-    RPC failed, 2 an invalid config or data, 130 stopped by Ctrl-C (a checkpoint was saved; ``--resume``)."""
-    from rich.logging import RichHandler
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    RPC failed, 2 an invalid config or data, 130 stopped by Ctrl-C (the first one finishes the step and keeps a
+    complete checkpoint for ``--resume``; a second one aborts at once; never an adapter).
 
+    Progress: a rich bar (on stderr) when stdout is a terminal, else plain lines on stdout: each phase, and a step
+    line (step/max_steps, loss, tokens/s, ETA) every ``logging_steps`` steps (``trainer.console``)."""
     from trainer.config import TrainConfig
+    from trainer.console import RichProgress, abort_message, progress_display, stop_on_sigint
 
     try:
         config = TrainConfig.from_file(args.config)
@@ -96,31 +98,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         _error(f"{exc.code}: {exc}")
         return 2
     console = _progress_console()
+    display = progress_display(config.logging_steps, sys.stdout, console)
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
-    root.handlers[:] = [RichHandler(console=console, show_path=False)]
+    if isinstance(display, RichProgress):
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     stop = threading.Event()
-    restore = _stop_on_sigint(stop)
+    restore = stop_on_sigint(stop)
     try:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[note]}"), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("loading", total=None, note="")
+        from trainer.train import train
 
-            def on_progress(p: dict) -> None:
-                loss = p.get("loss")
-                note = f"loss {loss:.4f}" if loss is not None else ""
-                if p.get("eval_loss") is not None:
-                    note += f"  eval {p['eval_loss']:.4f}"
-                if p.get("tokens_per_second"):
-                    note += f"  {p['tokens_per_second']:.0f} tok/s"
-                progress.update(task, description="training", total=p.get("total_steps") or None,
-                                completed=p.get("step", 0), note=note)
-
-            from trainer.train import train
-
-            result = train(config, on_progress=on_progress, resume=args.resume, should_stop=stop.is_set)
+        with display as show:
+            result = train(config, on_progress=show, resume=args.resume, should_stop=stop.is_set)
+    except KeyboardInterrupt:
+        _error(abort_message(config.checkpoint_dir))
+        return 130
     except Cancelled as exc:
         _error(f"{exc}; run again with --resume to continue")
         return 130
@@ -154,22 +153,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(adapter_json(info, residency), indent=2), flush=True)
     return 0
-
-
-def _stop_on_sigint(stop: threading.Event) -> Callable[[], None]:
-    """First SIGINT sets ``stop`` (the trainer checkpoints and stops after the step); a second one interrupts at
-    once. Returns a function restoring the previous handler (a no-op off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 # --- jobs ------------------------------------------------------------------------------------------------------------
@@ -238,6 +221,7 @@ def job_json(job) -> dict:
     """A JSON-ready dict of a job as the API describes it (times also as ISO 8601 UTC)."""
     return {"job_id": job.job_id, "state": job.state, "adapter_id": job.adapter_id, "step": job.step,
             "total_steps": job.total_steps, "loss": job.loss, "eval_loss": job.eval_loss, "error": job.error,
+            "phase": job.phase,
             "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
             "created_at_iso": _iso(job.created_at), "started_at_iso": _iso(job.started_at),
             "finished_at_iso": _iso(job.finished_at), "output_dir": job.output_dir}
@@ -304,11 +288,13 @@ def _jobs_list(client, args: argparse.Namespace) -> None:
 
 
 def _watch(client, job_id: str) -> int:
-    """Print one line per event; 0 when the job ends succeeded, 1 when it ends otherwise."""
+    """Print one line per event (``JOB_ID STATE[/PHASE] STEP/TOTAL MESSAGE``, e.g. ``job-… running/evaluating 10/50
+    evaluating 32/64 examples``); 0 when the job ends succeeded, 1 when it ends otherwise."""
     last = None
     for event in client.watch_training_job(job_id):
         last = event.job
-        print(f"{last.job_id} {last.state} {last.step}/{last.total_steps} {event.message}".rstrip(), flush=True)
+        state = f"{last.state}/{last.phase}" if last.phase and not last.terminal else last.state
+        print(f"{last.job_id} {state} {last.step}/{last.total_steps} {event.message}".rstrip(), flush=True)
     if last is not None and last.state == "failed":
         _error(last.error)
     return 0 if last is not None and last.state == "succeeded" else 1

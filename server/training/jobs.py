@@ -28,10 +28,17 @@ TRANSITIONS: Mapping[str, frozenset[str]] = {
 }
 #: ``error`` of a job found 'running' when a new store recovers (its server died mid-run).
 RESTART_ERROR = "server restarted during training"
+#: ``error`` of a job that was running when its server shut down (SIGTERM, Ctrl-C): cancelled, not failed.
+SHUTDOWN_ERROR = "cancelled: the server shut down while the job was running; start it again"
+#: Phases of a running job, in order (``phase``): the worker loads the tokenizer, data and base model, trains
+#: (with checkpoint saves), evaluates on the held-out split (also between steps when ``eval_steps`` is set),
+#: saves the adapter; then the server registers it.
+PHASES = ("loading", "training", "evaluating", "saving", "registering")
 #: File name of the jobs database inside the state directory.
 DB_FILE = "jobs.sqlite3"
 
-_SCHEMA_VERSION = 1
+#: Version 2 added the ``phase`` column (a version-1 database is upgraded in place when opened).
+_SCHEMA_VERSION = 2
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id           TEXT PRIMARY KEY,
@@ -45,6 +52,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     loss         REAL,
     eval_loss    REAL,
     error        TEXT NOT NULL DEFAULT '',
+    phase        TEXT NOT NULL DEFAULT '',
     created_at   REAL NOT NULL,
     started_at   REAL,
     finished_at  REAL,
@@ -54,9 +62,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 """
 _COLUMNS = ("id", "state", "adapter_id", "replace", "dataset_path", "config", "step", "total_steps", "loss",
-            "eval_loss", "error", "created_at", "started_at", "finished_at", "output_dir", "pid")
+            "eval_loss", "error", "phase", "created_at", "started_at", "finished_at", "output_dir", "pid")
 # Columns update() / transition() may set (the rest are fixed at creation).
-_MUTABLE = frozenset({"step", "total_steps", "loss", "eval_loss", "error", "started_at", "finished_at", "pid"})
+_MUTABLE = frozenset({"step", "total_steps", "loss", "eval_loss", "error", "phase", "started_at", "finished_at",
+                      "pid"})
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,10 @@ class Job:
         total_steps: optimizer steps planned; 0 until the trainer knows.
         loss: latest training loss; None before the first step.
         eval_loss: latest evaluation loss; None without an eval split or before the first evaluation.
-        error: why the job failed; empty otherwise.
+        error: why the job failed, or why the server cancelled it (``SHUTDOWN_ERROR``); empty after success and
+            after a client's cancel.
+        phase: what a running job is doing, one of ``PHASES``; after it ends, the last phase it reached ("" if it
+            never ran).
         created_at / started_at / finished_at: lifecycle instants; the last two None until reached.
         output_dir: the job's directory on the server (worker log, progress, checkpoints, adapter).
         replace: replace an existing adapter on success.
@@ -108,6 +120,7 @@ class Job:
     loss: float | None = None
     eval_loss: float | None = None
     error: str = ""
+    phase: str = ""
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
@@ -134,6 +147,7 @@ class JobEvent:
 def _row_to_job(row: sqlite3.Row) -> Job:
     return Job(job_id=row["id"], state=row["state"], adapter_id=row["adapter_id"], step=row["step"],
                total_steps=row["total_steps"], loss=row["loss"], eval_loss=row["eval_loss"], error=row["error"],
+               phase=row["phase"],
                created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
                output_dir=row["output_dir"], replace=bool(row["replace"]), dataset_path=row["dataset_path"],
                config=json.loads(row["config"]), pid=row["pid"])
@@ -176,6 +190,9 @@ class JobStore:
                                      f"{_SCHEMA_VERSION}", field="state_dir")
         with db:
             db.executescript(_SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+            if "phase" not in columns:  # a version-1 database
+                db.execute("ALTER TABLE jobs ADD COLUMN phase TEXT NOT NULL DEFAULT ''")
             db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         self._db = db
         return db
@@ -257,7 +274,7 @@ class JobStore:
             raise InvalidArgument(f"must be one of {STATES}, got {job.state!r}", field="state")
         values = (job.job_id, job.state, job.adapter_id, int(job.replace), job.dataset_path,
                   json.dumps(dict(job.config), sort_keys=True), job.step, job.total_steps, job.loss, job.eval_loss,
-                  job.error, job.created_at, job.started_at, job.finished_at, job.output_dir, job.pid)
+                  job.error, job.phase, job.created_at, job.started_at, job.finished_at, job.output_dir, job.pid)
         with self._lock:
             db = self._conn(create=True)
             try:
@@ -269,11 +286,11 @@ class JobStore:
             return self._get(job.job_id)
 
     def update(self, job_id: str, **fields: Any) -> Job:
-        """Set progress fields (``step``, ``total_steps``, ``loss``, ``eval_loss``, ``error``, ``started_at``,
-        ``finished_at``, ``pid``) without changing the state; returns the job.
+        """Set progress fields (``step``, ``total_steps``, ``loss``, ``eval_loss``, ``error``, ``phase``,
+        ``started_at``, ``finished_at``, ``pid``) without changing the state; returns the job.
 
         Raises:
-            InvalidArgument: a field that cannot be updated (``field`` = its name).
+            InvalidArgument: a field that cannot be updated (``field`` = its name), or a ``phase`` not in ``PHASES``.
             NotFound: no such job.
         """
         with self._lock:
@@ -302,6 +319,8 @@ class JobStore:
         for name in fields:
             if name not in _MUTABLE:
                 raise InvalidArgument(f"cannot be updated (updatable: {', '.join(sorted(_MUTABLE))})", field=name)
+        if "phase" in fields and fields["phase"] not in ("", *PHASES):
+            raise InvalidArgument(f"must be one of {PHASES}, got {fields['phase']!r}", field="phase")
         db = self._conn()
         if db is None:
             raise NotFound(f"no training job {job_id!r}", field="job_id")

@@ -24,8 +24,10 @@ from server.training import worker as worker_files
 from server.training.jobs import (
     CANCELLED,
     FAILED,
+    PHASES,
     QUEUED,
     RUNNING,
+    SHUTDOWN_ERROR,
     SUCCEEDED,
     Job,
     JobEvent,
@@ -167,7 +169,8 @@ class _Active:
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         self.cancel = threading.Event()
-        self.cancel_reason = ""
+        self.cancel_reason = ""  # the message of the final event
+        self.cancel_error = ""  # the job's error: empty for a client's cancel, SHUTDOWN_ERROR at shutdown
         self.registering = False
         self.finalized = threading.Event()
 
@@ -219,8 +222,10 @@ class TrainingManager:
           └───────────┴──────▶ cancelled      (client cancel, or server shutdown while running)
 
     * The worker appends progress to ``<job dir>/progress.jsonl``; the scheduler thread tails it, stores step,
-      total_steps, loss and eval_loss in SQLite, sets the ``training_*`` gauges and sends a :class:`JobEvent` to
-      every watcher.
+      total_steps, loss, eval_loss and the phase (``loading`` from the start, then ``training``, ``evaluating``,
+      ``saving`` as the trainer reports them, ``registering`` by the manager) in SQLite, sets the ``training_*``
+      gauges and sends a :class:`JobEvent` to every watcher (one per phase change, step, evaluation batch and
+      evaluation).
     * Success (exit 0 and ``result.json``): the adapter is registered with ``adapter_store.register(adapter_id,
       adapter_dir, replace)`` (servable at once) and the job's ``output/checkpoints`` are deleted (the adapter and
       logs stay). A registration error fails the job with that error.
@@ -228,14 +233,16 @@ class TrainingManager:
       or signal (``"worker killed by signal 9 (SIGKILL)"``); the job directory stays for inspection.
     * Cancel: a queued job is cancelled at once; a running worker gets SIGTERM, then SIGKILL after
       ``terminate_grace_s`` (to its whole process group); nothing is registered and the job directory is removed.
-    * :meth:`close` (server shutdown) cancels the running job the same way; queued jobs stay queued and run when
-      a manager starts again on the same state directory. A job found ``running`` at :meth:`start` (its server
+    * :meth:`close` (server shutdown) cancels the running job the same way, with ``error`` set to
+      ``jobs.SHUTDOWN_ERROR`` (a client's cancel leaves ``error`` empty); queued jobs stay queued and run when a
+      manager starts again on the same state directory. A job found ``running`` at :meth:`start` (its server
       died; its worker exits on its own when the parent dies) becomes ``failed`` with
       ``"server restarted during training"`` — it is not re-queued, as its partial output cannot be trusted.
 
-    Gauges: ``training_jobs{state}`` counts jobs per state; ``training_step``, ``training_loss`` and
-    ``training_tokens_per_second`` follow the running job (after it ends, step and loss keep its last values and
-    tokens_per_second drops to 0).
+    Gauges: ``training_jobs{state}`` counts jobs per state; ``training_step{job_id}``, ``training_loss{job_id}``
+    and ``training_tokens_per_second{job_id}`` follow the running job: loss and throughput have no sample before
+    its first step; after it ends its step and loss stay, labelled with its id, and its throughput drops to 0,
+    until the next job starts and replaces them (see ``Metrics.training_job_started``).
 
     Args:
         adapter_store: the server's ``AdapterStore`` (``get``, ``register``).
@@ -296,6 +303,7 @@ class TrainingManager:
             self._closing = True
             if self._active is not None:
                 self._active.cancel_reason = "cancelled: the server is shutting down"
+                self._active.cancel_error = SHUTDOWN_ERROR
                 self._active.cancel.set()
             self._wake.notify_all()
         if self._thread is not None:
@@ -473,7 +481,8 @@ class TrainingManager:
                     try:
                         job = self._jobs.next_queued()
                         if job is not None:
-                            job = self._jobs.transition(job.job_id, RUNNING, started_at=time.time(), step=0)
+                            job = self._jobs.transition(job.job_id, RUNNING, started_at=time.time(), step=0,
+                                                        phase="loading")
                             break
                     except (ServerError, sqlite3.Error):  # keep scheduling; retry after the wait
                         log.exception("cannot read or update the training job store")
@@ -482,6 +491,8 @@ class TrainingManager:
                     return
                 active = _Active(job.job_id)
                 self._active = active
+                if self._metrics is not None:
+                    self._metrics.training_job_started(job.job_id)
                 self._publish(job, "started")
                 self._refresh_counts()
             try:
@@ -493,7 +504,7 @@ class TrainingManager:
                 with self._lock:
                     self._active = None
                 if self._metrics is not None:
-                    self._metrics.training_tokens_per_second.set(0)
+                    self._metrics.training_job_ended(job.job_id)
                 active.finalized.set()
 
     def _worker_env(self) -> dict[str, str]:
@@ -533,7 +544,8 @@ class TrainingManager:
             active.registering = not cancelled
         if cancelled:
             shutil.rmtree(job_dir, ignore_errors=True)
-            self._finish(active, CANCELLED, message=active.cancel_reason or "cancelled")
+            self._finish(active, CANCELLED, error=active.cancel_error,
+                         message=active.cancel_reason or "cancelled")
             return
         rc = proc.returncode
         result_path = job_dir / worker_files.RESULT_FILE
@@ -543,6 +555,9 @@ class TrainingManager:
             self._finish(active, FAILED, error=error)
             return
         result = json.loads(result_path.read_text(encoding="utf-8"))
+        with self._lock:
+            self._publish(self._jobs.update(job.job_id, phase="registering"),
+                          f"registering adapter {job.adapter_id}")
         try:
             self._store.register(job.adapter_id, Path(result["adapter_dir"]), job.replace)
         except (ServerError, OSError) as exc:
@@ -573,7 +588,7 @@ class TrainingManager:
 
     def _on_progress(self, job_id: str, record: dict[str, Any]) -> None:
         event = record.get("event")
-        if event not in ("step", "eval", "done"):
+        if event not in ("phase", "step", "eval_progress", "eval", "done"):
             return
         fields: dict[str, Any] = {}
         for name in ("step", "total_steps"):
@@ -582,27 +597,33 @@ class TrainingManager:
         for name in ("loss", "eval_loss"):
             if isinstance(record.get(name), (int, float)):
                 fields[name] = float(record[name])
+        if record.get("phase") in PHASES:
+            fields["phase"] = record["phase"]
         step, total = record.get("step"), record.get("total_steps")
-        if event == "step":
+        if event == "phase":
+            message = f"phase {record.get('phase')}"
+        elif event == "step":
             loss = fields.get("loss")
             message = f"step {step}/{total}" + (f" loss {loss:.4f}" if loss is not None else "")
             tps = record.get("tokens_per_second")
             if isinstance(tps, (int, float)):
                 message += f" ({tps:.0f} tokens/s)"
+        elif event == "eval_progress":
+            message = f"evaluating {record.get('eval_examples_done')}/{record.get('eval_examples_total')} examples"
         elif event == "eval":
             message = f"eval loss {fields['eval_loss']:.4f} at step {step}" if "eval_loss" in fields else "eval"
         else:
-            message = f"training done at step {step}; registering the adapter"
+            message = f"training done at step {step}"
+        if event != "step":  # only a step moves the loss; other events repeat the latest one
+            fields.pop("loss", None)
         with self._lock:
             job = self._jobs.update(job_id, **fields)
             self._publish(job, message)
-        if self._metrics is not None:
-            if "step" in fields:
-                self._metrics.training_step.set(fields["step"])
-            if "loss" in fields:
-                self._metrics.training_loss.set(fields["loss"])
-            if isinstance(record.get("tokens_per_second"), (int, float)):
-                self._metrics.training_tokens_per_second.set(record["tokens_per_second"])
+        if self._metrics is not None and event == "step":
+            tps = record.get("tokens_per_second")
+            self._metrics.training_job_progress(job_id, step=fields.get("step"), loss=fields.get("loss"),
+                                                tokens_per_second=float(tps) if isinstance(tps, (int, float))
+                                                else None)
 
     def _finish(self, active: _Active, state: str, error: str = "", message: str = "") -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def test_stop_request_checkpoints_and_resume_finishes(tiny_model_dir, learnable_
     cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "stop", max_steps=8, save_steps=100)
     seen = []
     with pytest.raises(Cancelled, match="step 5"):
-        train(cfg, on_progress=seen.append, should_stop=lambda: len(seen) >= 5)
+        train(cfg, on_progress=seen.append, should_stop=lambda: sum(e["event"] == "step" for e in seen) >= 5)
     assert all((cfg.checkpoint_dir / "checkpoint-5" / f).is_file()
                for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.safetensors"))
     resumed = train(cfg, resume=True)
@@ -164,8 +165,9 @@ def test_stop_request_checkpoints_and_resume_finishes(tiny_model_dir, learnable_
 
 def test_resume_refuses_changed_settings_or_data(tiny_model_dir, learnable_data, tmp_path):
     cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=4, save_steps=2)
-    with pytest.raises(Cancelled):
-        train(cfg, should_stop=lambda: True)
+    seen = []
+    with pytest.raises(Cancelled):  # after the first step, with a checkpoint
+        train(cfg, on_progress=seen.append, should_stop=lambda: any(e["event"] == "step" for e in seen))
     with pytest.raises(FailedPrecondition) as err:
         train(cfg.replace(learning_rate=5e-3), resume=True)
     assert err.value.field == "learning_rate"
@@ -343,3 +345,101 @@ def test_bitsandbytes_paged_adamw_8_and_32_bit(tiny_model_dir, learnable_data, t
     assert isinstance(opt, bnb.optim.optimizer.Optimizer8bit)
     states = [s["state1"] for s in opt.state.values() if "state1" in s]
     assert states and any(s.dtype == state_dtype for s in states)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress a person can see: phases, bounded evaluation with progress, the CPU optimizer note
+
+
+@pytest.mark.parametrize("cap,batch", [(5, 2), (3, 8)])
+def test_evaluation_is_bounded_and_reports_progress_in_phases(tiny_model_dir, learnable_data, tmp_path, cap, batch):
+    events = []
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=2, eval_fraction=0.5,
+                      eval_max_examples=cap, batch_size=batch)  # 64 examples held out, `cap` evaluated
+    result = train(cfg, on_progress=events.append)
+    phases = [e["phase"] for e in events if e["event"] == "phase"]
+    assert phases == ["loading", "training", "evaluating", "saving"]
+    assert all(e["phase"] == "training" for e in events if e["event"] == "step")
+    progress = [(e["eval_examples_done"], e["eval_examples_total"]) for e in events if e["event"] == "eval_progress"]
+    expected = [min(cap, k * batch) for k in range(1, -(-cap // batch) + 1)]
+    assert progress == [(n, cap) for n in expected]
+    assert all(e["phase"] == "evaluating" for e in events if e["event"] == "eval_progress")
+    assert f"| eval examples | {cap} |" in (result.adapter_dir / "README.md").read_text()
+    assert result.eval_loss is not None
+
+
+def test_eval_between_steps_returns_to_training(tiny_model_dir, learnable_data, tmp_path):
+    events = []
+    train(tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=4, eval_steps=2,
+                      eval_max_examples=4), on_progress=events.append)
+    phases = [e["phase"] for e in events if e["event"] == "phase"]
+    # evaluations at steps 2 and 4 happen inside the training loop, which resumes (and ends) after each
+    assert phases == ["loading", "training", "evaluating", "training", "evaluating", "training", "saving"]
+
+
+def test_cpu_training_says_once_that_paged_adamw_is_not_paged(tiny_model_dir, learnable_data, tmp_path, caplog,
+                                                              recwarn):
+    caplog.set_level("INFO", logger="trainer.train")
+    train(tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=2, device="cpu",
+                      optim="paged_adamw_8bit"))
+    notes = [r.getMessage() for r in caplog.records if "pages optimizer state only on CUDA" in r.getMessage()]
+    assert notes == ["optimizer paged_adamw_8bit: bitsandbytes pages optimizer state only on CUDA; on the CPU it "
+                     "keeps ordinary (non-paged) 8-bit state"]
+    assert not [w for w in recwarn if "Paged optimizers are not supported on CPU" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files and metadata usable by others
+
+
+def _modes(root: Path) -> dict[str, int]:
+    import stat
+
+    return {str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o027])
+def test_adapter_and_checkpoints_get_the_umask_modes(tiny_model_dir, learnable_data, tmp_path, umask):
+    import os
+
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=4, save_steps=2)
+    previous = os.umask(umask)
+    try:
+        train(cfg)
+    finally:
+        os.umask(previous)
+    modes = _modes(cfg.output_dir)
+    assert any(k.startswith("checkpoints/checkpoint-4/") for k in modes) and "adapter" in modes
+    assert any(k.endswith("adapter_model.safetensors") for k in modes)
+    wrong = {k: oct(m) for k, m in modes.items()
+             if m != ((0o777 if (cfg.output_dir / k).is_dir() else 0o666) & ~umask)}
+    assert wrong == {}, f"umask {oct(umask)}"
+
+
+def test_adapter_names_the_model_asked_for_not_the_path_it_was_loaded_from(tiny_model_dir, learnable_data, tmp_path,
+                                                                           monkeypatch):
+    """The embedded model is loaded from its converted copy in the cache but named by its hub id: every adapter the
+    run writes (checkpoints included) must carry the hub id, and the server's check must accept it."""
+    from types import SimpleNamespace
+
+    import server.model.base as base_mod
+    from server.adapters.validation import check_config
+    from server.errors import InvalidArgument
+
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # As resolve_source does for "smollm2": load from a local copy, name the hub id (the tiny model stands in).
+    monkeypatch.setattr(base_mod, "resolve_source", lambda cfg: (str(tiny_model_dir), hub_id))
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=4, save_steps=2, model="smollm2")
+    result = train(cfg)
+    configs = sorted(cfg.output_dir.rglob("adapter_config.json"))
+    assert len(configs) == 3  # checkpoint-2, checkpoint-4, adapter
+    for path in configs:
+        adapter_cfg = json.loads(path.read_text())
+        assert adapter_cfg["base_model_name_or_path"] == hub_id, path
+        check_config(adapter_cfg, SimpleNamespace(name=hub_id))  # what the server reports for the embedded model
+        with pytest.raises(InvalidArgument):
+            check_config(adapter_cfg, SimpleNamespace(name="/models/another-model"))
+    for path in cfg.output_dir.rglob("*"):  # no file names the local load path (model cards included)
+        if path.is_file() and path.suffix in (".json", ".md"):
+            assert str(tiny_model_dir) not in path.read_text(), path
+    assert f"base_model: {hub_id}" in (result.adapter_dir / "README.md").read_text()

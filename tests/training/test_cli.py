@@ -51,6 +51,9 @@ def test_jobs_commands(served, capsys):
     created = json.loads(out[:out.index("\n}\n") + 2])
     assert created["state"] == "queued" and created["adapter_id"] == "cli-job"
     assert out.rstrip().splitlines()[-1].startswith(f"{created['job_id']} succeeded 1/1")
+    shown = [line.split()[1] for line in out.splitlines() if line.startswith(f"{created['job_id']} running/")]
+    assert [p for i, p in enumerate(shown) if i == 0 or shown[i - 1] != p] == \
+        ["running/loading", "running/training", "running/saving", "running/registering"]  # no eval split here
 
     assert main(["jobs", "get", *target, created["job_id"]]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "succeeded"

@@ -106,8 +106,30 @@ def test_job_succeeds_registers_the_adapter_and_it_serves(served):
 
     registry = served.app.metrics.registry
     assert registry.get_sample_value("qlora_server_training_jobs", {"state": "succeeded"}) >= 1
-    assert registry.get_sample_value("qlora_server_training_step") == 2
-    assert registry.get_sample_value("qlora_server_training_loss") == pytest.approx(final.loss)
+    labels = {"job_id": job.job_id}  # an ended job's series carry its id (until the next job starts)
+    assert registry.get_sample_value("qlora_server_training_step", labels) == 2
+    assert registry.get_sample_value("qlora_server_training_loss", labels) == pytest.approx(final.loss)
+    assert registry.get_sample_value("qlora_server_training_tokens_per_second", labels) == 0
+
+
+def test_watch_shows_every_phase_in_order(served):
+    """loading → training → evaluating → saving → registering, each seen over WatchTrainingJob (the evaluation with
+    its progress), and the job ends succeeded in the last one."""
+    job = served.training.CreateTrainingJob(pb.CreateTrainingJobRequest(
+        adapter_id="phased", dataset_path=str(served.dataset), config=fast_config(eval_fraction=0.25)), timeout=30)
+    assert job.phase == pb.JOB_PHASE_UNSPECIFIED  # queued: not started
+    events = served.watch_to_end(job.job_id)
+    phases = [e.job.phase for e in events]
+    seen = [p for i, p in enumerate(phases) if p != pb.JOB_PHASE_UNSPECIFIED and (i == 0 or phases[i - 1] != p)]
+    assert seen == [pb.JOB_PHASE_LOADING, pb.JOB_PHASE_TRAINING, pb.JOB_PHASE_EVALUATING, pb.JOB_PHASE_SAVING,
+                    pb.JOB_PHASE_REGISTERING], [pb.JobPhase.Name(p) for p in phases]
+    evaluating = [e.message for e in events if e.job.phase == pb.JOB_PHASE_EVALUATING]
+    assert "evaluating 2/2 examples" in evaluating  # 8 rows, a quarter held out
+    assert all(e.job.HasField("loss") for e in events if e.job.phase == pb.JOB_PHASE_EVALUATING)
+    final = events[-1].job
+    assert final.state == pb.JOB_STATE_SUCCEEDED and final.phase == pb.JOB_PHASE_REGISTERING
+    got = served.training.GetTrainingJob(pb.GetTrainingJobRequest(job_id=job.job_id), timeout=30)
+    assert got.phase == pb.JOB_PHASE_REGISTERING
 
 
 def test_worker_crash_fails_the_job_and_serving_goes_on(served, monkeypatch):

@@ -29,6 +29,15 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class JobPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_PHASE_UNSPECIFIED: _ClassVar[JobPhase]
+    JOB_PHASE_LOADING: _ClassVar[JobPhase]
+    JOB_PHASE_TRAINING: _ClassVar[JobPhase]
+    JOB_PHASE_EVALUATING: _ClassVar[JobPhase]
+    JOB_PHASE_SAVING: _ClassVar[JobPhase]
+    JOB_PHASE_REGISTERING: _ClassVar[JobPhase]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -43,6 +52,12 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_PHASE_UNSPECIFIED: JobPhase
+JOB_PHASE_LOADING: JobPhase
+JOB_PHASE_TRAINING: JobPhase
+JOB_PHASE_EVALUATING: JobPhase
+JOB_PHASE_SAVING: JobPhase
+JOB_PHASE_REGISTERING: JobPhase
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -265,7 +280,7 @@ class TrainingConfig(_message.Message):
     def __init__(self, r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., use_rslora: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., num_epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., optim: _Optional[str] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., warmup_ratio: _Optional[float] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "state", "adapter_id", "step", "total_steps", "loss", "eval_loss", "error", "created_at", "started_at", "finished_at", "output_dir")
+    __slots__ = ("job_id", "state", "adapter_id", "step", "total_steps", "loss", "eval_loss", "error", "created_at", "started_at", "finished_at", "output_dir", "phase")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +293,7 @@ class TrainingJob(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     adapter_id: str
@@ -290,7 +306,8 @@ class TrainingJob(_message.Message):
     started_at: float
     finished_at: float
     output_dir: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., adapter_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., output_dir: _Optional[str] = ...) -> None: ...
+    phase: JobPhase
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., adapter_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., output_dir: _Optional[str] = ..., phase: _Optional[_Union[JobPhase, str]] = ...) -> None: ...
 
 class CreateTrainingJobRequest(_message.Message):
     __slots__ = ("adapter_id", "dataset_path", "replace", "config")
