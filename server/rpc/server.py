@@ -55,6 +55,11 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[gr
         FailedPrecondition: (field ``port``) the address cannot be bound, e.g. the port is in use; the message
             names the address and the reason.
     """
+    address = format_address(host, port)
+    if port:
+        taken = _unbindable(host, port, definite_only=True)  # a clean message, before gRPC logs its own error
+        if taken is not None:
+            raise FailedPrecondition(f"cannot bind {address}: {taken}", field="port")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         interceptors=[StatusInterceptor(metrics)],
@@ -63,34 +68,45 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[gr
         maximum_concurrent_rpcs=workers,
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
     )
-    address = format_address(host, port)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if not bound:
         server.stop(None)
-        raise FailedPrecondition(f"cannot bind {address}: {_bind_failure_reason(host, port)}", field="port")
+        reason = _unbindable(host, port, definite_only=False) or "is the port in use?"
+        raise FailedPrecondition(f"cannot bind {address}: {reason}", field="port")
     return server, bound
 
 
-def _bind_failure_reason(host: str, port: int) -> str:
-    """Why ``host:port`` cannot be bound, found by trying it with a plain socket (gRPC does not say)."""
-    host = host.strip("[]") or "::"
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        return f"cannot resolve {host!r} ({exc})"
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+def _unbindable(host: str, port: int, *, definite_only: bool) -> str | None:
+    """Why no address of ``host:port`` can be bound, found with plain sockets (gRPC's error does not say), or None
+    when one of them can. Like gRPC, a wildcard host may fall back from ``::`` to ``0.0.0.0``, and ``SO_REUSEADDR``
+    is set. With ``definite_only``, only "in use" and "permission denied" count as failures (anything else, e.g. no
+    IPv6, is left for gRPC to judge)."""
+    host = host.strip("[]")
+    hosts = ("::", "0.0.0.0") if host in ("", "::", "0.0.0.0") else (host,)
+    reasons = []
+    for name in hosts:
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            reasons.append((None, f"cannot resolve {name!r} ({exc})"))
+            continue
+        for family, kind, proto, _, sockaddr in infos:
             try:
-                probe.bind(sockaddr)
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(sockaddr)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return f"port {port} is already in use (another server running?)"
-                return exc.strerror or str(exc)
-    return "is the port in use?"
+                text = (f"port {port} is already in use (another server running?)" if exc.errno == errno.EADDRINUSE
+                        else exc.strerror or str(exc))
+                reasons.append((exc.errno, text))
+            else:
+                return None
+    if not reasons or (definite_only and any(e not in (errno.EADDRINUSE, errno.EACCES) for e, _ in reasons)):
+        return None
+    return reasons[0][1]
 
 
 def add_services(server: grpc.Server, app, *, health_servicer: health.HealthServicer | None = None,

@@ -79,14 +79,15 @@ def test_serve_on_a_busy_port_exits_before_loading_the_model(tmp_path, busy_port
     proc = _serve(tmp_path, "--port", str(busy_port), "--metrics-port", "-1", "--cache-dir", str(tmp_path / "cache"))
     line = _error_line(proc)
     assert f"port: cannot bind 127.0.0.1:{busy_port}" in line and "already in use" in line
-    assert "base model" not in proc.stderr and not (tmp_path / "cache").exists()
+    assert proc.stderr.strip().splitlines() == [line]  # nothing loaded, and no gRPC core log line either
+    assert not (tmp_path / "cache").exists()
 
 
 def test_serve_on_a_busy_metrics_port_exits_before_loading_the_model(tmp_path, busy_port):
     proc = _serve(tmp_path, "--port", "0", "--metrics-port", str(busy_port), "--cache-dir", str(tmp_path / "cache"))
     line = _error_line(proc)
     assert f"metrics_port: cannot bind 127.0.0.1 port {busy_port}" in line
-    assert "base model" not in proc.stderr and not (tmp_path / "cache").exists()
+    assert proc.stderr.strip().splitlines() == [line] and not (tmp_path / "cache").exists()
 
 
 # --- --model -------------------------------------------------------------------------------------------------------
