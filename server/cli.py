@@ -50,7 +50,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=EMBEDDED_MODEL,
                    help=f"local directory, hub id, or '{EMBEDDED_MODEL}' for the embedded model (default)")
     p.add_argument("--host", default="[::]", help="address to bind (default [::] = all interfaces)")
-    p.add_argument("--port", type=int_in(0, 65535), default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument("--port", type=int_in(0, 65535), default=50051,
+                   help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument("--metrics-port", type=int_in(-1, 65535), default=9400,
                    help="Prometheus exposition port; 0 picks a free one, -1 disables it (default 9400)")
     p.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="adapter store directory")
@@ -58,13 +59,16 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are cached")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--compute-dtype", default="bfloat16", help="bfloat16, float16 or float32 (default bfloat16)")
-    p.add_argument("--adapter-slots", type=int_in(1, MAX_ADAPTER_SLOTS), default=None, help="adapters resident on the accelerator at once")
+    p.add_argument("--adapter-slots", type=int_in(1, MAX_ADAPTER_SLOTS), default=None,
+                   help="adapters resident on the accelerator at once")
     p.add_argument("--cpu-adapter-cache", type=int_in(1, INT32_MAX), default=None,
                    help="adapters kept in host memory (default: the larger of 32 and --adapter-slots)")
     p.add_argument("--max-batch-size", type=int_in(1, MAX_BATCH_SIZE), default=None, help="rows decoded together")
-    p.add_argument("--max-lora-rank", type=int_in(1, MAX_LORA_RANK), default=None, help="largest adapter rank accepted")
+    p.add_argument("--max-lora-rank", type=int_in(1, MAX_LORA_RANK), default=None,
+                   help="largest adapter rank accepted")
     p.add_argument("--grpc-workers", type=int_in(0, MAX_GRPC_WORKERS), default=None, help="gRPC handler threads")
-    p.add_argument("--max-upload-bytes", type=int_in(1, INT64_MAX), default=None, help="size cap of one adapter upload (bytes)")
+    p.add_argument("--max-upload-bytes", type=int_in(1, INT64_MAX), default=None,
+                   help="size cap of one adapter upload (bytes)")
     p.add_argument("--shutdown-grace", type=float_in(0.0, MAX_SHUTDOWN_GRACE_S), default=DEFAULT_SHUTDOWN_GRACE,
                    help=f"seconds in-flight RPCs get at shutdown (default {DEFAULT_SHUTDOWN_GRACE:g})")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain text")
@@ -88,11 +92,14 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="raw prompt text (no chat template)")
     src.add_argument("--chat", metavar="MESSAGE", help="a user message, rendered with the chat template")
     p.add_argument("--system", default=None, help="system message placed before --chat")
-    p.add_argument("--max-new-tokens", type=int_in(1, INT32_MAX), default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--max-new-tokens", type=int_in(1, INT32_MAX), default=256,
+                   help="tokens to generate at most (default 256; the server caps it)")
     p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0, help="nucleus mass in (0, 1] (default 1)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0,
+                   help="nucleus mass in (0, 1] (default 1)")
     p.add_argument("--top-k", type=int_in(0, INT32_MAX), default=0, help="0 = disabled (default)")
-    p.add_argument("--repetition-penalty", type=float_in(0.0, lo_open=True), default=1.0, help="1 = disabled (default)")
+    p.add_argument("--repetition-penalty", type=float_in(0.0, lo_open=True), default=1.0,
+                   help="1 = disabled (default)")
     p.add_argument("--seed", type=int_in(0, UINT64_MAX), default=None, help="seed of the request's sampler")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--request-id", default="", help="request id (default: the server makes one)")

@@ -13,7 +13,8 @@ from server.errors import FailedPrecondition, NotFound
 #: Seconds the Hugging Face hub gets to answer whether a hub id exists (the default of :func:`check_model_source`).
 HUB_PROBE_TIMEOUT_S = 5.0
 #: A model directory needs one of these weight files (a ``*.index.json`` also needs every shard it lists).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 #: ...and one of these tokenizer files.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 #: A hub id: ``name`` or ``org/name`` (letters, digits, ``-``, ``_``, ``.``; at most 96 characters each).
@@ -44,7 +45,8 @@ def missing_model_files(directory: Path) -> list[str]:
         missing.append(f"weights ({' or '.join(WEIGHT_FILES)})")
     elif present[0].endswith(".index.json"):
         try:
-            shards = sorted(set(json.loads((directory / present[0]).read_text(encoding="utf-8"))["weight_map"].values()))
+            index = json.loads((directory / present[0]).read_text(encoding="utf-8"))
+            shards = sorted(set(index["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             missing.append(f"a readable {present[0]} ({exc})")
         else:

@@ -71,7 +71,8 @@ def test_serve_numeric_options(tmp_path, capsys, monkeypatch, option, value):
 @SWEEP
 @given(option=st.sampled_from(JOBS_OPTIONS), value=NUMBERS)
 def test_jobs_create_numeric_options(address, capsys, option, value):
-    argv = ["jobs", "create", "--target", address, "--adapter-id", "a", "--dataset", "/srv/d.jsonl", f"--{option}={value}"]
+    argv = ["jobs", "create", "--target", address, "--adapter-id", "a", "--dataset", "/srv/d.jsonl",
+            f"--{option}={value}"]
     code, err = _outcome(argv, capsys)
     if code == 1:
         assert len(err) == 1 and f"config.{option.replace('-', '_')}:" in err[0], err
