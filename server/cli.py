@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     failed, 2 (:data:`EXIT_STARTUP`) bad arguments — one line on stderr naming the option — or the server did not
     start)."""
     args = build_parser().parse_args(argv)
+    if args.command in SERVER_COMMANDS:
+        missing = missing_server_modules()
+        if missing:
+            print(f"qlora-server: error: `{args.command}` needs the server extra: pip install 'qlora-server[server]' "
+                  f"(missing: {', '.join(missing)})", file=sys.stderr, flush=True)
+            return EXIT_STARTUP
     return args.func(args)
 
 
@@ -188,7 +194,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(model=ModelConfig(**model_kw), engine=EngineConfig(**engine_kw), **server_kw)
 
 
-#: Top-level modules ``serve`` (and ``train``) need beyond the client: the ``server`` extra of pyproject.toml.
+#: Commands that load a model: they need the ``server`` extra (the others are gRPC clients: grpcio and protobuf).
+SERVER_COMMANDS = ("serve", "train")
+#: Top-level modules ``serve`` and ``train`` need beyond the client: the ``server`` extra of pyproject.toml.
 SERVER_EXTRA_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "gguf",
                         "grpc_health", "grpc_reflection", "prometheus_client", "psutil")
 
@@ -324,11 +332,6 @@ def _startup_error(exc: Exception) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    missing = missing_server_modules()
-    if missing:
-        print(f"qlora-server: error: `serve` needs the server extra: pip install 'qlora-server[server]' "
-              f"(missing: {', '.join(missing)})", file=sys.stderr, flush=True)
-        return EXIT_STARTUP
     _configure_logging(args.log_json)
     try:
         config = config_from_args(args)

@@ -93,3 +93,12 @@ def test_out_of_range_is_one_usage_line_naming_the_option(argv, capsys):
     code, err = _outcome(argv, capsys)
     option = next(a for a in argv[1:] if a.startswith("--") and a not in ("--prompt", "--adapter-id", "--dataset"))
     assert code == 2 and len(err) == 1 and f"argument {option}: " in err[0], err
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), 1e10, "30"])
+def test_the_client_refuses_a_deadline_grpc_cannot_keep(timeout):
+    from server.rpc.client import Client, ClientError
+
+    with pytest.raises(ClientError) as info:
+        Client("127.0.0.1:1", timeout=timeout)
+    assert info.value.code == "INVALID_ARGUMENT" and info.value.message.startswith("timeout: ")

@@ -159,4 +159,12 @@ sys.meta_path.insert(0, _Blocker())
 def test_serve_without_the_server_extra_names_it(tmp_path):
     proc = _serve(tmp_path, "--port", "0", "--metrics-port", "-1", prelude=BLOCK_TORCH)
     line = _error_line(proc)
-    assert "pip install 'qlora-server[server]'" in line and "torch" in line and "transformers" in line
+    assert "`serve` needs the server extra: pip install 'qlora-server[server]'" in line
+    assert "torch" in line and "transformers" in line
+
+
+def test_train_without_the_server_extra_names_it(tmp_path):
+    code = f"{BLOCK_TORCH}\nfrom server.cli import main\nsys.exit(main(['train', {str(tmp_path / 'c.yaml')!r}]))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    line = _error_line(proc)
+    assert "`train` needs the server extra: pip install 'qlora-server[server]'" in line
