@@ -67,7 +67,7 @@ def _offline_env() -> str | None:
 
 def _check_hub_id(repo_id: str, timeout_s: float) -> str:
     from huggingface_hub import HfApi, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     cached = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
@@ -87,6 +87,12 @@ def _check_hub_id(repo_id: str, timeout_s: float) -> str:
     except RepositoryNotFoundError:
         raise NotFound(f"hub id {repo_id!r} not found on {api.endpoint} (a private model needs `hf auth login` or "
                        "HF_TOKEN; a local directory must exist)", field="model") from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status == 404:
+            raise NotFound(f"hub id {repo_id!r} not found on {api.endpoint} (HTTP 404)", field="model") from None
+        raise FailedPrecondition(f"the Hugging Face hub at {api.endpoint} answered HTTP {status} for {repo_id!r}; "
+                                 f"{download_hint}", field="model") from None
     except Exception as exc:  # noqa: BLE001 - connection refused, timeout, DNS, proxy, HTTP 5xx alike
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FailedPrecondition(f"cannot reach the Hugging Face hub at {api.endpoint} within {timeout_s:g} s to "

@@ -168,3 +168,43 @@ def test_train_without_the_server_extra_names_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
     line = _error_line(proc)
     assert "`train` needs the server extra: pip install 'qlora-server[server]'" in line
+
+
+@pytest.fixture
+def hub_404():
+    """A local HTTP server answering 404 to everything, as a hub endpoint."""
+    import http.server
+
+    class NotFoundHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_error(404)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFoundHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_hub_id_the_hub_does_not_know_is_not_found(tmp_path, hub_404):
+    proc = _serve(tmp_path, "--port", "0", "--metrics-port", "-1", "--model", "qlora-test-org/no-such-model-7f3a",
+                  env={"HF_ENDPOINT": hub_404})
+    line = _error_line(proc)
+    assert "NOT_FOUND: model: hub id 'qlora-test-org/no-such-model-7f3a' not found on" in line
+
+
+def test_a_hub_that_never_answers_fails_after_the_probe_timeout(tmp_path):
+    # Connections are accepted (the kernel's backlog) but nothing ever answers: only the probe's timeout ends it.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        proc = _serve(tmp_path, "--port", "0", "--metrics-port", "-1", "--model", "qlora-test-org/silent-7f3a",
+                      env={"HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"})
+    line = _error_line(proc)
+    assert "cannot reach the Hugging Face hub" in line and "within 5 s" in line and "HF_HUB_OFFLINE=1" in line
