@@ -208,3 +208,36 @@ def test_a_hub_that_never_answers_fails_after_the_probe_timeout(tmp_path):
                       env={"HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"})
     line = _error_line(proc)
     assert "cannot reach the Hugging Face hub" in line and "within 5 s" in line and "HF_HUB_OFFLINE=1" in line
+
+
+@pytest.mark.parametrize("value, path_like", [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", False), ("gpt2", False), ("/abs/model", True), ("./model", True),
+    ("../model", True), ("~/model", True), ("a/b/c", True), ("model/", True), ("has space/x", True),
+    ("org\\name", True)])
+def test_what_counts_as_a_path(value, path_like):
+    from server.model.source import looks_like_path
+
+    assert looks_like_path(value) is path_like
+
+
+def test_a_relative_path_whose_first_part_exists_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    from server.config import ModelConfig
+    from server.errors import NotFound
+    from server.model.source import check_model_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(NotFound) as info:
+        check_model_source(ModelConfig(model="models/llama"))
+    assert info.value.field == "model" and "models/llama does not exist" in str(info.value)
+
+
+def test_a_complete_model_directory_passes(tmp_path):
+    from server.config import ModelConfig
+    from server.model.source import check_model_source
+
+    assert check_model_source(ModelConfig(model=str(_model_dir(tmp_path / "m", "config.json", "model.safetensors",
+                                                                 "tokenizer.json")))) == "directory"
+    _shard_dir(tmp_path / "sharded")
+    (tmp_path / "sharded" / "model-00002-of-00002.safetensors").write_text("")
+    assert check_model_source(ModelConfig(model=str(tmp_path / "sharded"))) == "directory"
