@@ -45,6 +45,8 @@ def _check(code: int, err: list[str], option: str) -> None:
     assert code in (1, 2) and len(err) == 1, (code, err)
     if code == 2 and "argument --" in err[0]:
         assert f"argument --{option}:" in err[0], err
+    elif code == 1:  # the server's answer: a refusal names the field; a tiny --timeout may simply expire
+        assert err[0].startswith("error: ") and ("INVALID_ARGUMENT" not in err[0] or f"{field}:" in err[0]), err
     else:
         assert f"{field}:" in err[0] or "model:" in err[0], err
 
