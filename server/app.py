@@ -19,7 +19,6 @@ from server.logs import RequestLog
 from server.metrics import Metrics
 from server.model.base import BaseModelInfo, load_base_model
 from server.model.lora import attach_router
-from server.model.source import check_model_source
 from server.training.jobs import DB_FILE, JobStore
 from server.training.manager import TrainingManager
 
@@ -53,21 +52,18 @@ class App:
 
 def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseModelInfo | None = None,
               metrics: Metrics | None = None) -> App:
-    """Check the model source in seconds (:func:`server.model.source.check_model_source`), load the base model
-    (unless one is passed in, as tests do), attach the LoRA banks, open the adapter store, start the training
-    manager (jobs database in ``config.state_dir``) and start the engine. ``metrics`` is the registry to fill
-    (a new one when None; ``serve`` passes the one its metrics endpoint already exports).
+    """Load the base model (unless one is passed in, as tests do), attach the LoRA banks, open the adapter store,
+    start the training manager (jobs database in ``config.state_dir``) and start the engine. ``metrics`` is the
+    registry to fill (a new one when None; ``serve`` passes the one its metrics endpoint already exports). ``serve``
+    runs :func:`server.model.source.check_model_source` first, before even importing this module.
 
     Raises:
-        NotFound: (field ``model``) a model path that does not exist, or a hub id the hub does not know.
-        FailedPrecondition: the model cannot be found or loaded (a directory lacking model files, an uncached hub
-            id offline or with the hub unreachable) or uses attention the engine does not support, or another
+        FailedPrecondition: the model cannot be loaded or uses attention the engine does not support, or another
             running server holds ``config.state_dir`` (field ``state_dir``).
         InvalidArgument: a config field is invalid.
     """
     metrics = metrics if metrics is not None else Metrics(config.engine.top_adapter_labels)
     if model is None:
-        check_model_source(config.model)
         model, tokenizer, base_info = load_base_model(config.model)
     engine_cfg = config.engine
     router = attach_router(model, engine_cfg.adapter_slots, engine_cfg.max_lora_rank,

@@ -216,7 +216,12 @@ def missing_server_modules() -> list[str]:
 
 
 def _default_app_factory(config: ServerConfig, metrics):
-    from server.app import build_app  # heavy (torch, transformers): imported only when serving
+    """Check ``--model`` in seconds (:func:`server.model.source.check_model_source`: a missing path, a directory
+    lacking model files, an unreachable or offline hub), then build the app with ``server.app.build_app``."""
+    from server.model.source import check_model_source
+
+    check_model_source(config.model)
+    from server.app import build_app  # heavy (torch, transformers): imported only once the model looks loadable
 
     return build_app(config, metrics=metrics)
 
