@@ -1,5 +1,5 @@
 # qlora-server on an NVIDIA GPU. Installs exactly as the README does (scripts/setup.sh: a .venv with the package and
-# its extras), with TORCH_SPEC choosing a CUDA build of torch. Build: docker build -t qlora-server .
+# its server, train and dev extras), with TORCH_SPEC choosing a CUDA build of torch. Build: docker build -t qlora-server .
 # Run: docker run --gpus all -p 50051:50051 -p 9400:9400 -v qlora-data:/data qlora-server  (or: docker compose up)
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 

@@ -51,16 +51,19 @@ class App:
         self.adapter_cache.close()
 
 
-def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseModelInfo | None = None) -> App:
+def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseModelInfo | None = None,
+              metrics: Metrics | None = None) -> App:
     """Load the base model (unless one is passed in, as tests do), attach the LoRA banks, open the adapter store,
-    start the training manager (jobs database in ``config.state_dir``) and start the engine.
+    start the training manager (jobs database in ``config.state_dir``) and start the engine. ``metrics`` is the
+    registry to fill (a new one when None; ``serve`` passes the one its metrics endpoint already exports). ``serve``
+    runs :func:`server.model.source.check_model_source` first, before even importing this module.
 
     Raises:
         FailedPrecondition: the model cannot be loaded or uses attention the engine does not support, or another
             running server holds ``config.state_dir`` (field ``state_dir``).
         InvalidArgument: a config field is invalid.
     """
-    metrics = Metrics(config.engine.top_adapter_labels)
+    metrics = metrics if metrics is not None else Metrics(config.engine.top_adapter_labels)
     if model is None:
         model, tokenizer, base_info = load_base_model(config.model)
     engine_cfg = config.engine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import signal
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from server.argtypes import INT32_MAX, INT64_MAX, MAX_TIMEOUT_S, UINT64_MAX, OneLineErrorParser, float_in, int_in
 from server.config import COMPUTE_DTYPES, EMBEDDED_MODEL, EngineConfig, ModelConfig, ServerConfig
 from server.errors import ServerError
 from server.training.commands import add_jobs_command, add_train_command
@@ -20,6 +22,16 @@ from server.training.commands import add_jobs_command, add_train_command
 DEFAULT_TARGET = "localhost:50051"
 #: Seconds in-flight RPCs get to finish after SIGTERM / SIGINT before they are cancelled.
 DEFAULT_SHUTDOWN_GRACE = 10.0
+#: Upper bounds of ``serve``'s sizing options: far above any sensible value, low enough that no C integer
+#: overflows and a typo (an extra digit or ten) is refused up front rather than as an out-of-memory at load.
+MAX_ADAPTER_SLOTS = 4096
+MAX_BATCH_SIZE = 65536
+MAX_LORA_RANK = 65536
+MAX_GRPC_WORKERS = 100_000
+MAX_SHUTDOWN_GRACE_S = 86400.0
+#: Exit status of ``serve`` whenever the server does not start: a bad option, a port that cannot be bound, a model
+#: that cannot be found or loaded, a missing ``server`` extra (one line on stderr says which). Also argparse's.
+EXIT_STARTUP = 2
 
 # --- argument parsing ----------------------------------------------------------------------------------------------
 #
@@ -30,13 +42,17 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
     """``serve``: load the model and serve gRPC (+ Prometheus metrics) until SIGTERM / SIGINT."""
-    p = sub.add_parser("serve", help="run the server", description="Load the base model and serve gRPC until "
-                       "SIGTERM or SIGINT. Unset options take the config defaults.")
+    p = sub.add_parser("serve", help="run the server", description="Bind the gRPC and metrics ports, load the base "
+                       "model and serve gRPC until SIGTERM or SIGINT. Unset options take the config defaults.",
+                       epilog=f"Exit status: 0 after a clean shutdown; {EXIT_STARTUP} when the server does not start "
+                       "(a bad option, a port in use, a model that cannot be found or loaded, the server extra not "
+                       "installed), with one line on stderr saying why.")
     p.add_argument("--model", default=EMBEDDED_MODEL,
                    help=f"local directory, hub id, or '{EMBEDDED_MODEL}' for the embedded model (default)")
     p.add_argument("--host", default="[::]", help="address to bind (default [::] = all interfaces)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
-    p.add_argument("--metrics-port", type=int, default=9400,
+    p.add_argument("--port", type=int_in(0, 65535), default=50051,
+                   help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument("--metrics-port", type=int_in(-1, 65535), default=9400,
                    help="Prometheus exposition port; 0 picks a free one, -1 disables it (default 9400)")
     p.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="adapter store directory")
     p.add_argument("--state-dir", type=Path, default=None, help="training jobs' database and outputs")
@@ -45,14 +61,17 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
                    help="auto (default: bfloat16 where the device runs it natively — CUDA with bf16, CPUs with "
                         "AVX512-BF16/AMX — else float32, float16 on older GPUs), bfloat16, float16 or float32")
-    p.add_argument("--adapter-slots", type=int, default=None, help="adapters resident on the accelerator at once")
-    p.add_argument("--cpu-adapter-cache", type=int, default=None,
+    p.add_argument("--adapter-slots", type=int_in(1, MAX_ADAPTER_SLOTS), default=None,
+                   help="adapters resident on the accelerator at once")
+    p.add_argument("--cpu-adapter-cache", type=int_in(1, INT32_MAX), default=None,
                    help="adapters kept in host memory (default: the larger of 32 and --adapter-slots)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="rows decoded together")
-    p.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank accepted")
-    p.add_argument("--grpc-workers", type=int, default=None, help="gRPC handler threads")
-    p.add_argument("--max-upload-bytes", type=int, default=None, help="size cap of one adapter upload (bytes)")
-    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE,
+    p.add_argument("--max-batch-size", type=int_in(1, MAX_BATCH_SIZE), default=None, help="rows decoded together")
+    p.add_argument("--max-lora-rank", type=int_in(1, MAX_LORA_RANK), default=None,
+                   help="largest adapter rank accepted")
+    p.add_argument("--grpc-workers", type=int_in(0, MAX_GRPC_WORKERS), default=None, help="gRPC handler threads")
+    p.add_argument("--max-upload-bytes", type=int_in(1, INT64_MAX), default=None,
+                   help="size cap of one adapter upload (bytes)")
+    p.add_argument("--shutdown-grace", type=float_in(0.0, MAX_SHUTDOWN_GRACE_S), default=DEFAULT_SHUTDOWN_GRACE,
                    help=f"seconds in-flight RPCs get at shutdown (default {DEFAULT_SHUTDOWN_GRACE:g})")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain text")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs (off by default)")
@@ -61,7 +80,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-    p.add_argument("--timeout", type=float, default=None, help="deadline of each call (seconds)")
+    p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
+                   help="deadline of each call (seconds)")
 
 
 def add_generate_command(sub: argparse._SubParsersAction) -> None:
@@ -74,12 +94,15 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="raw prompt text (no chat template)")
     src.add_argument("--chat", metavar="MESSAGE", help="a user message, rendered with the chat template")
     p.add_argument("--system", default=None, help="system message placed before --chat")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = disabled (default)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = disabled (default)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the request's sampler")
+    p.add_argument("--max-new-tokens", type=int_in(1, INT32_MAX), default=256,
+                   help="tokens to generate at most (default 256; the server caps it)")
+    p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0,
+                   help="nucleus mass in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int_in(0, INT32_MAX), default=0, help="0 = disabled (default)")
+    p.add_argument("--repetition-penalty", type=float_in(0.0, lo_open=True), default=1.0,
+                   help="1 = disabled (default)")
+    p.add_argument("--seed", type=int_in(0, UINT64_MAX), default=None, help="seed of the request's sampler")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--request-id", default="", help="request id (default: the server makes one)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
@@ -129,7 +152,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     """The full argument parser with every registrar in ``commands`` applied."""
-    parser = argparse.ArgumentParser(prog="qlora-server", description="One NF4 base model, many LoRA adapters, "
+    parser = OneLineErrorParser(prog="qlora-server", description="One NF4 base model, many LoRA adapters, "
                                      "served over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in commands:
@@ -139,8 +162,15 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``qlora-server`` and ``python -m server``; returns the exit status (0 ok, 1 a client RPC
-    failed, 2 bad arguments or a start-up error)."""
+    failed, 2 (:data:`EXIT_STARTUP`) bad arguments — one line on stderr naming the option — or the server did not
+    start)."""
     args = build_parser().parse_args(argv)
+    if args.command in SERVER_COMMANDS:
+        missing = missing_server_modules()
+        if missing:
+            print(f"qlora-server: error: `{args.command}` needs the server extra: pip install 'qlora-server[server]' "
+                  f"(missing: {', '.join(missing)})", file=sys.stderr, flush=True)
+            return EXIT_STARTUP
     return args.func(args)
 
 
@@ -166,10 +196,36 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(model=ModelConfig(**model_kw), engine=EngineConfig(**engine_kw), **server_kw)
 
 
-def _default_app_factory(config: ServerConfig):
-    from server.app import build_app  # heavy (torch, transformers): imported only when serving
+#: Commands that load a model: they need the ``server`` extra (the others are gRPC clients: grpcio and protobuf).
+SERVER_COMMANDS = ("serve", "train")
+#: Top-level modules ``serve`` and ``train`` need beyond the client: the ``server`` extra of pyproject.toml.
+SERVER_EXTRA_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "gguf",
+                        "grpc_health", "grpc_reflection", "prometheus_client", "psutil")
 
-    return build_app(config)
+
+def missing_server_modules() -> list[str]:
+    """The :data:`SERVER_EXTRA_MODULES` that cannot be imported here (found without importing them)."""
+    import importlib.util
+
+    missing = []
+    for name in SERVER_EXTRA_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
+
+
+def _default_app_factory(config: ServerConfig, metrics):
+    """Check ``--model`` in seconds (:func:`server.model.source.check_model_source`: a missing path, a directory
+    lacking model files, an unreachable or offline hub), then build the app with ``server.app.build_app``."""
+    from server.model.source import check_model_source
+
+    check_model_source(config.model)
+    from server.app import build_app  # heavy (torch, transformers): imported only once the model looks loadable
+
+    return build_app(config, metrics=metrics)
 
 
 def metrics_bind_address(host: str) -> str:
@@ -182,48 +238,83 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float = DEFAULT_SHUTDOWN_GRACE,
-          app_factory: Callable[[ServerConfig], object] | None = None,
-          announce: Callable[[str], None] = _announce) -> int:
-    """Build the app, serve gRPC and metrics, announce ``qlora-server listening on HOST:PORT (metrics on :N)``,
-    block until ``stop`` is set, then shut down gracefully: health → NOT_SERVING, ``server.stop(grace_seconds)``,
-    ``app.close()``, metrics endpoint closed.
-
-    ``app_factory`` builds the app (default ``server.app.build_app``). Returns the exit status: 0 after a clean
-    shutdown, 2 when start-up fails with a :class:`ServerError` (printed as one line naming the field).
-    """
+def _start_metrics_endpoint(config: ServerConfig, registry):
+    """Serve ``registry`` on ``config.metrics_port`` now; returns ``(httpd, note)`` (``httpd`` None when disabled).
+    Raises :class:`FailedPrecondition` (field ``metrics_port``) when the port cannot be bound."""
     from prometheus_client import start_http_server
 
-    from server.rpc.server import build_grpc_server, format_address, new_health_servicer
+    from server.errors import FailedPrecondition
+
+    if config.metrics_port < 0:
+        return None, "metrics off"
+    try:
+        httpd, _ = start_http_server(config.metrics_port, addr=metrics_bind_address(config.host), registry=registry)
+    except OSError as exc:
+        reason = ("already in use (another server running?)" if exc.errno == errno.EADDRINUSE
+                  else exc.strerror or str(exc))
+        raise FailedPrecondition(f"cannot bind {metrics_bind_address(config.host)} port {config.metrics_port}: "
+                                 f"{reason}", field="metrics_port") from None
+    return httpd, f"metrics on :{httpd.server_port}"
+
+
+def _close_httpd(httpd) -> None:
+    if httpd is not None:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float = DEFAULT_SHUTDOWN_GRACE,
+          app_factory: Callable[[ServerConfig, object], object] | None = None,
+          announce: Callable[[str], None] = _announce) -> int:
+    """Bind the gRPC and metrics ports, then build the app (load the base model), serve, announce
+    ``qlora-server listening on HOST:PORT (metrics on :N)``, block until ``stop`` is set, then shut down
+    gracefully: health → NOT_SERVING, ``server.stop(grace_seconds)``, ``app.close()``, metrics endpoint closed.
+
+    The ports are bound before the model loads, so a port clash is reported in seconds; the metrics endpoint
+    answers (process metrics) while the model loads; gRPC starts once the app is built.
+
+    ``app_factory(config, metrics)`` builds the app around the :class:`server.metrics.Metrics` being exported
+    (default ``server.app.build_app``). Returns the exit status: 0 after a clean shutdown (also when ``stop`` is
+    set while the model loads), :data:`EXIT_STARTUP` when start-up fails (one line on stderr naming the field:
+    ``port``, ``metrics_port``, ``model``, …).
+    """
+    from server.metrics import Metrics
+    from server.rpc.server import add_services, bind_grpc_server, format_address, new_health_servicer
     from server.rpc.training import TrainingServicer
 
     log = logging.getLogger("qlora_server")
+    metrics = Metrics(config.engine.top_adapter_labels)
+    httpd = grpc_server = app = None
     try:
-        app = (app_factory or _default_app_factory)(config)
-    except ServerError as exc:
-        return _startup_error(exc)
-    httpd = None
-    try:
+        grpc_server, port = bind_grpc_server(config.host, config.port, workers=config.rpc_workers, metrics=metrics)
+        httpd, metrics_note = _start_metrics_endpoint(config, metrics.registry)
+        address = format_address(config.host, port)
+        log.info("bound %s (%s); loading base model %s", address, metrics_note, config.model.model)
+        app = (app_factory or _default_app_factory)(config, metrics)
         health = new_health_servicer()
         training = getattr(app, "training", None)  # the TrainingManager; absent in apps that do not train
-        training_servicer = None if training is None else TrainingServicer(training)
-        grpc_server, port = build_grpc_server(app, config.host, config.port, health_servicer=health,
-                                              training_servicer=training_servicer)
-        metrics_note = "metrics off"
-        if config.metrics_port >= 0:
-            try:
-                httpd, _ = start_http_server(config.metrics_port, addr=metrics_bind_address(config.host),
-                                             registry=app.metrics.registry)
-            except OSError as exc:
-                grpc_server.stop(None)
-                raise ServerError(f"cannot bind {config.metrics_port}: {exc}", field="metrics_port") from None
-            metrics_note = f"metrics on :{httpd.server_port}"
-    except ServerError as exc:
+        add_services(grpc_server, app, health_servicer=health,
+                     training_servicer=None if training is None else TrainingServicer(training))
+    except BaseException as exc:
+        if grpc_server is not None:
+            grpc_server.stop(None)
+        _close_httpd(httpd)
+        if app is not None:
+            app.close()
+        if isinstance(exc, ServerError):
+            return _startup_error(exc)
+        if isinstance(exc, Exception):
+            log.error("start-up failed", exc_info=True)
+            return _startup_error(exc)
+        raise  # KeyboardInterrupt (a second Ctrl-C), SystemExit
+    if stop.is_set():  # SIGTERM / SIGINT while the model loaded
+        log.info("stopped before serving")
+        grpc_server.stop(None)
         app.close()
-        return _startup_error(exc)
+        _close_httpd(httpd)
+        return 0
 
     grpc_server.start()
-    address = format_address(config.host, port)
     log.info("serving on %s (%s)", address, metrics_note)
     announce(f"qlora-server listening on {address} ({metrics_note})")
     try:
@@ -234,15 +325,17 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
         health.enter_graceful_shutdown()
         grpc_server.stop(grace_seconds).wait()
         app.close()
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        _close_httpd(httpd)
     return 0
 
 
-def _startup_error(exc: ServerError) -> int:
-    print(f"qlora-server: error: {exc.code}: {exc}", file=sys.stderr, flush=True)
-    return 2
+def _startup_error(exc: Exception) -> int:
+    if isinstance(exc, ServerError):
+        line = f"{exc.code}: {exc}"
+    else:
+        line = f"INTERNAL: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    print(f"qlora-server: error: {line}", file=sys.stderr, flush=True)
+    return EXIT_STARTUP
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

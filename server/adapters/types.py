@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the gRPC client imports these types and must not need torch
+    import torch
 
 
 @dataclass(frozen=True)

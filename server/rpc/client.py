@@ -8,6 +8,7 @@ from typing import Iterator
 import grpc
 
 from server.adapters.types import AdapterInfo
+from server.argtypes import MAX_TIMEOUT_S
 from server.engine.types import GenerationEvent, GenerationRequest, GenerationResult
 from server.errors import ServerError
 from server.rpc import convert
@@ -38,11 +39,16 @@ class ClientError(Exception):
 class Client:
     """Blocking client over one insecure channel to ``target`` (``host:port``).
 
-    ``timeout`` is every call's deadline in seconds (None = none). Every method raises :class:`ClientError` when
-    the RPC fails. Use as a context manager or call :meth:`close`.
+    ``timeout`` is every call's deadline in seconds (None = none; at most ``MAX_TIMEOUT_S``, else
+    :class:`ClientError` INVALID_ARGUMENT). Every method raises :class:`ClientError` when the RPC fails, or with
+    INVALID_ARGUMENT naming the field when a value does not fit the wire (e.g. ``max_new_tokens`` past int32).
+    Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, target: str, timeout: float | None = None) -> None:
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_S):
+            raise ClientError("INVALID_ARGUMENT", f"timeout: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
+                                                  f"got {timeout!r}")
         self._channel = grpc.insecure_channel(target)
         self._timeout = timeout
         self._generation = pb_grpc.GenerationStub(self._channel)
@@ -67,12 +73,11 @@ class Client:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` (``deadline`` is ignored; use ``timeout``) and return the whole answer."""
-        return convert.generation_result_from_proto(
-            self._call(self._generation.Generate, convert.generate_request_to_proto(request)))
+        return convert.generation_result_from_proto(self._call(self._generation.Generate, _request_proto(request)))
 
     def generate_stream(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
         """Yield the answer's events; the last has ``finished`` set. Closing the iterator early cancels the RPC."""
-        call = self._generation.GenerateStream(convert.generate_request_to_proto(request), timeout=self._timeout)
+        call = self._generation.GenerateStream(_request_proto(request), timeout=self._timeout)
         try:
             for msg in call:
                 yield convert.stream_event_from_proto(msg)
@@ -149,6 +154,13 @@ class Client:
             raise ClientError.from_rpc_error(err) from None
         finally:
             call.cancel()
+
+
+def _request_proto(request: GenerationRequest) -> pb.GenerateRequest:
+    try:
+        return convert.generate_request_to_proto(request)
+    except ServerError as exc:
+        raise ClientError(exc.code, str(exc)) from None
 
 
 def _upload_requests(adapter_id: str, files: list[Path], replace: bool, total: int,

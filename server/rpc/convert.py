@@ -140,18 +140,33 @@ def stream_event_to_proto(event: GenerationEvent) -> pb.GenerateStreamResponse:
 def generate_request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
     """Plain request → ``GenerateRequest``. Optional sampling fields equal to their :class:`SamplingParams`
     default are left unset, so the server applies its own default (the same value, except that an unset
-    ``max_new_tokens`` is capped by the server's limit). ``deadline`` is not carried: use the RPC timeout."""
+    ``max_new_tokens`` is capped by the server's limit). ``deadline`` is not carried: use the RPC timeout.
+
+    Raises:
+        InvalidArgument: a sampling value the wire type cannot hold (e.g. ``max_new_tokens`` > 2**31 - 1, a
+            negative ``seed``); ``field`` names it.
+    """
     p = req.params
     msg = pb.GenerateRequest(
         request_id=req.request_id, adapter_id=req.adapter_id, prompt=req.prompt or "",
-        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in req.messages],
-        temperature=p.temperature, top_k=p.top_k, stop=list(p.stop))
+        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in req.messages], stop=list(p.stop))
+    _set_field(msg, "temperature", p.temperature)
+    _set_field(msg, "top_k", p.top_k)
     defaults = SamplingParams()
     for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
         value = getattr(p, name)
         if value is not None and value != getattr(defaults, name):
-            setattr(msg, name, value)
+            _set_field(msg, name, value)
     return msg
+
+
+def _set_field(msg, name: str, value) -> None:
+    """``setattr(msg, name, value)``; a value the wire type cannot hold (an int32 past 2**31 - 1, a negative
+    uint64, a string for a number) raises :class:`InvalidArgument` naming ``name``."""
+    try:
+        setattr(msg, name, value)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"{value!r} does not fit the wire type ({exc})", field=name) from None
 
 
 def finish_reason_from_proto(value: int) -> str | None:

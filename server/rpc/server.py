@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from concurrent import futures
 
 import grpc
@@ -35,38 +37,92 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def build_grpc_server(app, host: str, port: int, *, health_servicer: health.HealthServicer | None = None,
-                      training_servicer: pb_grpc.TrainingServicer | None = None) -> tuple[grpc.Server, int]:
-    """Build (not start) the thread-pool gRPC server of ``app`` and bind it.
-
-    It serves ``qlora_server.v1.Generation`` and ``Adapters`` (plus ``Training`` when ``training_servicer`` is
-    given), ``grpc.health.v1.Health`` (SERVING for ``""`` and every service name; ``""`` and Generation turn
-    NOT_SERVING if the engine's loop thread dies) and server reflection, all
-    behind one :class:`StatusInterceptor` that maps errors and counts ``app.metrics.requests``. The pool has
-    ``app.config.rpc_workers`` threads; a streaming RPC holds one for its whole life.
+def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[grpc.Server, int]:
+    """Create the thread-pool gRPC server and bind ``host:port`` now, before any service exists, so a port clash
+    is reported at once (``serve`` calls this before it loads the base model). Register services with
+    :func:`add_services`, then call ``server.start()``.
 
     Args:
-        app: the application (``config``, ``engine``, ``store``, ``adapter_cache``, ``metrics``).
         host: address to bind (``[::]`` / ``::`` = all interfaces).
         port: TCP port; 0 picks a free one.
+        workers: RPC handler threads, which is also the cap on concurrent RPCs.
+        metrics: the :class:`server.metrics.Metrics` the :class:`StatusInterceptor` counts RPCs in.
+
+    Returns:
+        ``(server, bound_port)``.
+
+    Raises:
+        FailedPrecondition: (field ``port``) the address cannot be bound, e.g. the port is in use; the message
+            names the address and the reason.
+    """
+    address = format_address(host, port)
+    if port:
+        taken = _unbindable(host, port, definite_only=True)  # a clean message, before gRPC logs its own error
+        if taken is not None:
+            raise FailedPrecondition(f"cannot bind {address}: {taken}", field="port")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        interceptors=[StatusInterceptor(metrics)],
+        # Each RPC holds a handler thread while it waits for the engine: past that many, refuse at once
+        # (RESOURCE_EXHAUSTED) rather than queue without bound inside gRPC.
+        maximum_concurrent_rpcs=workers,
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
+    )
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        server.stop(None)
+        reason = _unbindable(host, port, definite_only=False) or "is the port in use?"
+        raise FailedPrecondition(f"cannot bind {address}: {reason}", field="port")
+    return server, bound
+
+
+def _unbindable(host: str, port: int, *, definite_only: bool) -> str | None:
+    """Why no address of ``host:port`` can be bound, found with plain sockets (gRPC's error does not say), or None
+    when one of them can. Like gRPC, a wildcard host may fall back from ``::`` to ``0.0.0.0``, and ``SO_REUSEADDR``
+    is set. With ``definite_only``, only "in use" and "permission denied" count as failures (anything else, e.g. no
+    IPv6, is left for gRPC to judge)."""
+    host = host.strip("[]")
+    hosts = ("::", "0.0.0.0") if host in ("", "::", "0.0.0.0") else (host,)
+    reasons = []
+    for name in hosts:
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            reasons.append((None, f"cannot resolve {name!r} ({exc})"))
+            continue
+        for family, kind, proto, _, sockaddr in infos:
+            try:
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(sockaddr)
+            except OSError as exc:
+                text = (f"port {port} is already in use (another server running?)" if exc.errno == errno.EADDRINUSE
+                        else exc.strerror or str(exc))
+                reasons.append((exc.errno, text))
+            else:
+                return None
+    if not reasons or (definite_only and any(e not in (errno.EADDRINUSE, errno.EACCES) for e, _ in reasons)):
+        return None
+    return reasons[0][1]
+
+
+def add_services(server: grpc.Server, app, *, health_servicer: health.HealthServicer | None = None,
+                 training_servicer: pb_grpc.TrainingServicer | None = None) -> None:
+    """Register ``app``'s services on a bound, not yet started ``server``: ``qlora_server.v1.Generation`` and
+    ``Adapters`` (plus ``Training`` when ``training_servicer`` is given), ``grpc.health.v1.Health`` (SERVING for
+    ``""`` and every service name; ``""`` and Generation turn NOT_SERVING if the engine's loop thread dies) and
+    server reflection.
+
+    Args:
+        server: from :func:`bind_grpc_server`.
+        app: the application (``config``, ``engine``, ``store``, ``adapter_cache``, ``metrics``).
         health_servicer: health servicer to register (a new one when None); pass one from
             :func:`new_health_servicer` to flip it at shutdown.
         training_servicer: implementation of ``qlora_server.v1.Training``, registered when given.
-
-    Returns:
-        ``(server, bound_port)``; call ``server.start()``.
-
-    Raises:
-        FailedPrecondition: (field ``port``) the address cannot be bound, e.g. the port is in use.
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=app.config.rpc_workers, thread_name_prefix="grpc"),
-        interceptors=[StatusInterceptor(app.metrics)],
-        # Each RPC holds a handler thread while it waits for the engine: past that many, refuse at once
-        # (RESOURCE_EXHAUSTED) rather than queue without bound inside gRPC.
-        maximum_concurrent_rpcs=app.config.rpc_workers,
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
-    )
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(app), server)
     pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(app), server)
     services = [GENERATION_SERVICE, ADAPTERS_SERVICE]
@@ -84,15 +140,21 @@ def build_grpc_server(app, host: str, port: int, *, health_servicer: health.Heal
                                    for name in ("", GENERATION_SERVICE)])
     reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    address = format_address(host, port)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        bound = 0
-        detail = f" ({exc})"
-    else:
-        detail = ""
-    if not bound:
-        server.stop(None)
-        raise FailedPrecondition(f"cannot bind {address}{detail}; is the port in use?", field="port")
+
+def build_grpc_server(app, host: str, port: int, *, health_servicer: health.HealthServicer | None = None,
+                      training_servicer: pb_grpc.TrainingServicer | None = None) -> tuple[grpc.Server, int]:
+    """Build (not start) the thread-pool gRPC server of ``app`` and bind it: :func:`bind_grpc_server` with
+    ``app.config.rpc_workers`` threads counting into ``app.metrics``, then :func:`add_services`.
+
+    The pool has ``app.config.rpc_workers`` threads; a streaming RPC holds one for its whole life. Every service
+    sits behind one :class:`StatusInterceptor` that maps errors and counts ``app.metrics.requests``.
+
+    Returns:
+        ``(server, bound_port)``; call ``server.start()``.
+
+    Raises:
+        FailedPrecondition: (field ``port``) the address cannot be bound, e.g. the port is in use.
+    """
+    server, bound = bind_grpc_server(host, port, workers=app.config.rpc_workers, metrics=app.metrics)
+    add_services(server, app, health_servicer=health_servicer, training_servicer=training_servicer)
     return server, bound

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Mapping
 
 import grpc
@@ -23,7 +24,13 @@ _PHASE_FROM_PROTO = {v: k for k, v in _PHASE_TO_PROTO.items()}
 _SCALAR_CONFIG_FIELDS = {"r": False, "lora_alpha": True, "lora_dropout": True, "use_rslora": False,
                          "learning_rate": False, "max_steps": False, "num_epochs": False, "batch_size": False,
                          "gradient_accumulation_steps": False, "max_seq_length": False, "optim": False,
-                         "seed": False, "eval_fraction": False, "warmup_ratio": False}
+                         "seed": False, "eval_fraction": False, "warmup_ratio": False, "lr_scheduler": False,
+                         "max_grad_norm": False, "weight_decay": False, "truncate": False, "eval_steps": False,
+                         "save_steps": False, "save_total_limit": False, "logging_steps": False,
+                         "zero_loss_patience": False, "gradient_checkpointing": False,
+                         "eval_max_examples": False}
+#: Largest finite float32 (the wire type of the float fields above): a larger value would arrive as infinity.
+_FLOAT32_MAX = 3.4028234663852886e38
 #: State name of ``JOB_STATE_UNSPECIFIED`` (or an unknown value) read from the wire.
 UNSPECIFIED_STATE = "unspecified"
 
@@ -71,7 +78,7 @@ def training_config_to_proto(config: Mapping[str, Any]) -> pb.TrainingConfig:
 
     Raises:
         InvalidArgument: a key that is not a ``TrainingConfig`` field (``field="config.<key>"``), or a value of
-            the wrong type for it.
+            the wrong type for it or out of its wire type's range (int32, float32).
     """
     msg = pb.TrainingConfig()
     for name, value in config.items():
@@ -81,6 +88,10 @@ def training_config_to_proto(config: Mapping[str, Any]) -> pb.TrainingConfig:
             if name == "target_modules":
                 msg.target_modules.extend([value] if isinstance(value, str) else list(value))
             elif name in _SCALAR_CONFIG_FIELDS:
+                if (_SCALAR_CONFIG_FIELDS[name] and isinstance(value, (int, float)) and math.isfinite(value)
+                        and abs(value) > _FLOAT32_MAX):
+                    raise InvalidArgument(f"{value!r} is out of float32 range (|x| <= {_FLOAT32_MAX:g})",
+                                          field=f"config.{name}")
                 setattr(msg, name, value)
             else:
                 raise InvalidArgument(f"not a training setting (known: {', '.join(sorted(_SCALAR_CONFIG_FIELDS))}, "

@@ -11,26 +11,44 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from server.argtypes import FLOAT32_MAX, INT32_MAX, INT64_MAX, MAX_TIMEOUT_S, float_in, int_in
 from server.errors import Cancelled, InvalidArgument, ServerError
 
-#: Flags of ``jobs create``, one per ``TrainingConfig`` field: (field, argparse type, help). ``target_modules``
-#: takes a comma-separated list; ``use_rslora`` is ``--use-rslora`` / ``--no-use-rslora``.
+_INT32 = int_in(-INT32_MAX - 1, INT32_MAX)
+_FLOAT32 = float_in(-FLOAT32_MAX, FLOAT32_MAX)
+_DOUBLE = float_in()
+
+#: Flags of ``jobs create``, one per ``TrainingConfig`` field: (field, argparse type, help). The types refuse what
+#: the wire cannot carry (past int32 / float32, NaN, infinities) with a one-line usage error; the server checks the
+#: meaning (``config.<field>`` in its INVALID_ARGUMENT). ``target_modules`` takes a comma-separated list; a ``bool``
+#: field is ``--name`` / ``--no-name``.
 CONFIG_FLAGS: tuple[tuple[str, Any, str], ...] = (
-    ("r", int, "LoRA rank"),
-    ("lora_alpha", float, "LoRA alpha"),
-    ("lora_dropout", float, "dropout on the LoRA input, in [0, 1)"),
+    ("r", _INT32, "LoRA rank"),
+    ("lora_alpha", _FLOAT32, "LoRA alpha"),
+    ("lora_dropout", _FLOAT32, "dropout on the LoRA input, in [0, 1)"),
     ("target_modules", str, "comma-separated module names (default: every linear layer of the blocks)"),
     ("use_rslora", bool, "rank-stabilized scaling alpha / sqrt(r)"),
-    ("learning_rate", float, "peak learning rate"),
-    ("max_steps", int, "optimizer steps (overrides --num-epochs)"),
-    ("num_epochs", float, "passes over the dataset"),
-    ("batch_size", int, "examples per device batch"),
-    ("gradient_accumulation_steps", int, "batches per optimizer step"),
-    ("max_seq_length", int, "longest example (tokens)"),
+    ("learning_rate", _DOUBLE, "peak learning rate"),
+    ("lr_scheduler", str, "constant_with_warmup (default), linear or cosine"),
+    ("warmup_ratio", _DOUBLE, "share of the steps spent warming up, in [0, 1)"),
+    ("max_grad_norm", _DOUBLE, "gradient-norm clip, > 0"),
+    ("weight_decay", _DOUBLE, "AdamW weight decay, >= 0"),
+    ("max_steps", _INT32, "optimizer steps (overrides --num-epochs)"),
+    ("num_epochs", _DOUBLE, "passes over the dataset"),
+    ("batch_size", _INT32, "examples per device batch"),
+    ("gradient_accumulation_steps", _INT32, "batches per optimizer step"),
+    ("max_seq_length", _INT32, "longest example (tokens)"),
+    ("truncate", bool, "cut longer examples to --max-seq-length instead of refusing the dataset"),
     ("optim", str, "paged_adamw_8bit or paged_adamw_32bit"),
-    ("seed", int, "random seed"),
-    ("eval_fraction", float, "share of the dataset held out for evaluation, in [0, 1)"),
-    ("warmup_ratio", float, "share of the steps spent warming up, in [0, 1)"),
+    ("seed", int_in(-INT64_MAX - 1, INT64_MAX), "random seed"),
+    ("eval_fraction", _DOUBLE, "share of the dataset held out for evaluation, in [0, 1)"),
+    ("eval_steps", _INT32, "evaluate every N steps (0 = only at the end)"),
+    ("eval_max_examples", _INT32, "evaluate on at most this many held-out examples"),
+    ("save_steps", _INT32, "checkpoint every N steps"),
+    ("save_total_limit", _INT32, "checkpoints kept"),
+    ("logging_steps", _INT32, "record the training loss every N steps"),
+    ("zero_loss_patience", _INT32, "fail after this many consecutive steps of exactly 0 loss"),
+    ("gradient_checkpointing", bool, "recompute activations in the backward pass (default on)"),
 )
 
 
@@ -42,7 +60,8 @@ def _default_target() -> str:
 
 def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=_default_target(), help="server address HOST:PORT (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=None, help="deadline of each call (seconds)")
+    p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
+                   help="deadline of each call (seconds)")
 
 
 def _error(message: str) -> None:

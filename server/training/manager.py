@@ -41,7 +41,14 @@ log = logging.getLogger(__name__)
 #: ``trainer.config.TrainConfig``). The base model, device, dtype, paths and adapter id are the server's.
 TRAINING_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "learning_rate",
                           "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length",
-                          "optim", "seed", "eval_fraction", "warmup_ratio")
+                          "optim", "seed", "eval_fraction", "warmup_ratio", "lr_scheduler", "max_grad_norm",
+                          "weight_decay", "truncate", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
+                          "zero_loss_patience", "gradient_checkpointing", "eval_max_examples")
+#: ``TrainConfig`` fields a job cannot set: the server fills them (its base model, dtype, device, cache; the job's
+#: dataset, directory and adapter id) or, being paths to other server-side inputs, they are not offered to jobs.
+#: Every other ``TrainConfig`` field is in ``TRAINING_CONFIG_FIELDS`` (tests/rpc/test_cli_jobs_create.py checks).
+JOB_FIXED_FIELDS = ("model", "compute_dtype", "device", "cache_dir", "dataset", "output_dir", "adapter_id",
+                    "eval_dataset", "init_adapter")
 #: Sub-directory of the state directory holding one directory per job (named by job id).
 JOBS_SUBDIR = "jobs"
 #: Lock file in the state directory: one server (manager) per state directory.

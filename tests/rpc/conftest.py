@@ -6,10 +6,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from rpc_fakes import FakeApp  # tests/rpc is on sys.path (pytest's default "prepend" import mode)
+from rpc_fakes import FakeApp, FakeTrainingManager  # tests/rpc is on sys.path (pytest's "prepend" import mode)
 
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
 from server.rpc.server import build_grpc_server
+from server.rpc.training import TrainingServicer
 
 
 @pytest.fixture
@@ -18,8 +19,13 @@ def app(tmp_path: Path) -> FakeApp:
 
 
 @pytest.fixture
-def address(app: FakeApp):
-    server, port = build_grpc_server(app, "127.0.0.1", 0)
+def training() -> FakeTrainingManager:
+    return FakeTrainingManager()
+
+
+@pytest.fixture
+def address(app: FakeApp, training: FakeTrainingManager):
+    server, port = build_grpc_server(app, "127.0.0.1", 0, training_servicer=TrainingServicer(training))
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(None)

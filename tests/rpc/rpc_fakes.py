@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from server.adapters.types import AdapterInfo
-from server.config import EngineConfig, ServerConfig
+from server.config import EngineConfig, ModelConfig, ServerConfig
 from server.engine.types import FINISH_LENGTH, GenerationEvent, GenerationRequest, Timings
 from server.errors import (AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument, NotFound,
                            ResourceExhausted)
@@ -180,3 +180,60 @@ class FakeApp:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeWatch:
+    """The events of a watched job, already complete (a real ``JobWatch`` blocks for new ones)."""
+
+    def __init__(self, events: list) -> None:
+        self._events = events
+
+    def __iter__(self):
+        yield from self._events
+
+    def close(self) -> None:
+        pass
+
+
+class FakeTrainingManager:
+    """Jobs in a dict, validated as the real manager validates them (``build_train_config``); nothing trains. A
+    watched job runs to ``succeeded`` at once."""
+
+    def __init__(self) -> None:
+        self.jobs: dict = {}
+        self.requests: list = []
+
+    def create(self, request):
+        from server.training.jobs import Job
+        from server.training.manager import build_train_config
+
+        build_train_config(request, ModelConfig(), Path("/nonexistent/job"))  # raises InvalidArgument config.<x>
+        self.requests.append(request)
+        job = Job(job_id=f"job-{len(self.jobs):016x}", state="queued", adapter_id=request.adapter_id,
+                  created_at=1.0, output_dir="/srv/jobs/x")
+        self.jobs[job.job_id] = job
+        return job
+
+    def get(self, job_id: str):
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise NotFound(f"no training job {job_id!r}", field="job_id") from None
+
+    def list(self) -> list:
+        return list(reversed(self.jobs.values()))
+
+    def cancel(self, job_id: str):
+        import dataclasses
+
+        job = self.jobs[job_id] = dataclasses.replace(self.get(job_id), state="cancelled", finished_at=2.0)
+        return job
+
+    def watch(self, job_id: str) -> FakeWatch:
+        import dataclasses
+
+        from server.training.jobs import JobEvent
+
+        job = self.get(job_id)
+        done = dataclasses.replace(job, state="succeeded", step=3, total_steps=3, loss=0.5, finished_at=3.0)
+        return FakeWatch([JobEvent(job, f"job is {job.state}"), JobEvent(done, "job succeeded")])

@@ -43,7 +43,7 @@ def test_serve_with_a_bad_config_exits_2_naming_the_field():
     proc = _run_module("serve", "--port", "70000", "--metrics-port", "-1")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "port:" in lines[0] and "INVALID_ARGUMENT" in lines[0]
+    assert len(lines) == 1 and "argument --port: must be an integer in [0, 65535]" in lines[0]
 
 
 def test_generate_prints_the_text(address, capsys):
@@ -64,8 +64,8 @@ def test_client_errors_print_code_and_exit_1(address, capsys):
     assert main(["generate", "--target", address, "--prompt", "x", "--adapter", "nope"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: NOT_FOUND: ") and "nope" in err
-    assert main(["generate", "--target", address, "--prompt", "x", "--temperature", "-1"]) == 1
-    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: temperature: ")
+    assert main(["generate", "--target", address, "--prompt", "x", "--max-new-tokens", "65"]) == 1  # cap: 64
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: max_new_tokens: ")
 
 
 def test_adapters_commands(address, app, tmp_path, capsys):
@@ -109,7 +109,7 @@ def test_serve_announces_serves_and_shuts_down(tmp_path):
         ready.set()
 
     thread = threading.Thread(target=lambda: result.append(
-        serve(app.config, stop, grace_seconds=1.0, app_factory=lambda config: app, announce=announce)))
+        serve(app.config, stop, grace_seconds=1.0, app_factory=lambda config, metrics: app, announce=announce)))
     thread.start()
     try:
         assert ready.wait(WAIT)
@@ -131,7 +131,7 @@ def test_serve_announces_serves_and_shuts_down(tmp_path):
 def test_serve_start_up_error_exits_2(tmp_path, capsys):
     from server.errors import InvalidArgument
 
-    def failing_factory(config):
+    def failing_factory(config, metrics):
         raise InvalidArgument("no such model", field="model")
 
     app = FakeApp(tmp_path / "adapters", port=0, metrics_port=-1)

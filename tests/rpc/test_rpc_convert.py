@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.adapters.types import AdapterInfo
 from server.engine.types import (ChatMessage, GenerationEvent, GenerationRequest, GenerationResult, SamplingParams,
@@ -144,3 +148,19 @@ def test_unset_max_new_tokens_is_capped_by_a_lower_server_limit():
     req = convert.generation_request_from_proto(pb.GenerateRequest(prompt="x"), default_request_id="r",
                                                 max_new_tokens_limit=64)
     assert req.params.max_new_tokens == 64
+
+
+WIRE_RANGES = {"max_new_tokens": (-(2**31), 2**31 - 1), "top_k": (-(2**31), 2**31 - 1), "seed": (0, 2**64 - 1)}
+
+
+@settings(max_examples=50, deadline=None)
+@given(name=st.sampled_from(sorted(WIRE_RANGES)), value=st.integers(-(2**70), 2**70))
+def test_client_request_out_of_wire_range_names_the_field(name, value):
+    req = GenerationRequest("r", prompt="x", params=dataclasses.replace(SamplingParams(), **{name: value}))
+    lo, hi = WIRE_RANGES[name]
+    if lo <= value <= hi:
+        assert getattr(convert.generate_request_to_proto(req), name) == value
+    else:
+        with pytest.raises(InvalidArgument) as info:
+            convert.generate_request_to_proto(req)
+        assert info.value.field == name

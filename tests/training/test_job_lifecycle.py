@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.adapters.types import BaseModelSpec
 from server.config import ModelConfig
 from server.errors import InvalidArgument, NotFound
 from server.metrics import Metrics
@@ -66,7 +67,12 @@ def fake_python(tmp_path) -> str:
 
 
 def _manager(state_dir: Path, python: str, metrics=None) -> TrainingManager:
-    store = SimpleNamespace(get=lambda _id: (_ for _ in ()).throw(NotFound("no adapter")), register=None)
+    # A base with every module the trainer's default target set adapts, so the servability check passes.
+    linears = {f"model.layers.0.{m}": (8, 8) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                       "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                       "mlp.down_proj")}
+    base = BaseModelSpec(name="unused", linear_shapes=linears, other_modules=frozenset({"lm_head"}), max_rank=64)
+    store = SimpleNamespace(get=lambda _id: (_ for _ in ()).throw(NotFound("no adapter")), register=None, base=base)
     return TrainingManager(store, JobStore(state_dir / DB_FILE), state_dir, metrics,
                            model_config=ModelConfig(model="unused"), python=python, terminate_grace_s=5.0,
                            poll_interval_s=0.05)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.errors import InvalidArgument
 from server.rpc import training as conv
@@ -33,12 +35,25 @@ def test_training_config_only_carries_set_fields():
 
 def test_training_config_to_proto_rejects_unknown_keys_and_types():
     with pytest.raises(InvalidArgument) as info:
-        conv.training_config_to_proto({"save_steps": 5})
-    assert info.value.field == "config.save_steps"
+        conv.training_config_to_proto({"model": "other/model"})  # the server's own setting
+    assert info.value.field == "config.model"
     with pytest.raises(InvalidArgument) as info:
         conv.training_config_to_proto({"r": "eight"})
     assert info.value.field == "config.r"
     assert conv.training_config_to_proto({"target_modules": "q_proj", "r": None}).target_modules == ["q_proj"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(n for n, f32 in conv._SCALAR_CONFIG_FIELDS.items() if f32)),
+       value=st.floats(allow_nan=False, allow_infinity=False))
+def test_float32_fields_refuse_what_would_arrive_as_infinity(name, value):
+    if abs(value) > 3.4028234663852886e38:
+        with pytest.raises(InvalidArgument) as info:
+            conv.training_config_to_proto({name: value})
+        assert info.value.field == f"config.{name}"
+    else:
+        sent = getattr(conv.training_config_to_proto({name: value}), name)
+        assert sent == pytest.approx(value, rel=1e-6, abs=1e-38)
 
 
 def test_request_job_and_event_round_trip():
