@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -506,6 +507,11 @@ class TrainingSession:
             model = get_peft_model(base, lora_config(self.config))
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = self.model_name
+        # Our adapters never hold embedding layers (the registry refuses embedding LoRA), so say so: PEFT's default
+        # ("auto") would look the base model's name up on the hub at every save, checkpoints included -- a network
+        # call per checkpoint, and a stall where the hub is slow or unreachable. The Trainer saves checkpoints
+        # through this same method, so the instance gets the setting rather than each call site.
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("model %s on %s: %d trainable LoRA parameters; parameter dtypes %s", info.name, info.device,
                  trainable, _dtype_report(model))

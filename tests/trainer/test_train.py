@@ -429,8 +429,15 @@ def test_adapter_names_the_model_asked_for_not_the_path_it_was_loaded_from(tiny_
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # As resolve_source does for "smollm2": load from a local copy, name the hub id (the tiny model stands in).
     monkeypatch.setattr(base_mod, "resolve_source", lambda cfg: (str(tiny_model_dir), hub_id))
+    # Naming a hub id must not make saving ask the hub anything (PEFT's "auto" embedding check would, at every
+    # checkpoint): no network here, and a slow one would stall each save.
+    import peft.utils.save_and_load as peft_save
+
+    hub_lookups = []
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda *a, **k: hub_lookups.append(a))
     cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=4, save_steps=2, model="smollm2")
     result = train(cfg)
+    assert hub_lookups == []
     configs = sorted(cfg.output_dir.rglob("adapter_config.json"))
     assert len(configs) == 3  # checkpoint-2, checkpoint-4, adapter
     for path in configs:
