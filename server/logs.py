@@ -46,9 +46,15 @@ def configure_logging(json_lines: bool = False, level: int = logging.INFO,
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet_libraries(level)
+    return handler
+
+
+def quiet_libraries(level: int = logging.INFO) -> None:
+    """Raise each of :data:`QUIET_LOGGERS` to its quiet level (or ``level``, if higher). Every entry point that sets
+    up logging calls this (``configure_logging`` does), so the server, the trainer and job workers log alike."""
     for name, quiet_level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(level, quiet_level))
-    return handler
 
 
 @dataclass(frozen=True)

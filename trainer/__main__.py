@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     ``logging_steps`` steps when stdout is not a terminal (``trainer.console``)."""
     from trainer.config import TrainConfig
     from trainer.console import abort_message, progress_display, stop_on_sigint
+    from server.logs import configure_logging
     from trainer.train import train
 
     ap = argparse.ArgumentParser(prog="python -m trainer", description="QLoRA-train a LoRA adapter for qlora-server.")
@@ -25,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print progress events as JSON lines")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.getLevelNamesMapping().get(args.log_level.upper())
+    if level is None:
+        ap.error(f"argument --log-level: unknown level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR)")
+    configure_logging(level=level)
 
     stop = threading.Event()
     restore = lambda: None  # noqa: E731

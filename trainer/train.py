@@ -499,12 +499,15 @@ class TrainingSession:
         import transformers
 
         transformers.set_seed(self.config.seed)  # LoRA A's initialisation draws from the torch RNG
-        if self.config.init_adapter is not None:
-            summary = inspect_adapter(self.config.init_adapter)
-            log.info("starting from adapter %s (r=%d, alpha=%g)", summary.path, summary.r, summary.lora_alpha)
-            model = PeftModel.from_pretrained(base, str(self.config.init_adapter), is_trainable=True)
-        else:
-            model = get_peft_model(base, lora_config(self.config))
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated ``is_gradient_checkpointing``: library noise, not the user's concern.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+            if self.config.init_adapter is not None:
+                summary = inspect_adapter(self.config.init_adapter)
+                log.info("starting from adapter %s (r=%d, alpha=%g)", summary.path, summary.r, summary.lora_alpha)
+                model = PeftModel.from_pretrained(base, str(self.config.init_adapter), is_trainable=True)
+            else:
+                model = get_peft_model(base, lora_config(self.config))
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = self.model_name
         # Our adapters never hold embedding layers (the registry refuses embedding LoRA), so say so: PEFT's default

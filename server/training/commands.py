@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from server.argtypes import FLOAT32_MAX, INT32_MAX, INT64_MAX, MAX_TIMEOUT_S, float_in, int_in
 from server.errors import Cancelled, InvalidArgument, ServerError
+from server.logs import quiet_libraries
 
 _INT32 = int_in(-INT32_MAX - 1, INT32_MAX)
 _FLOAT32 = float_in(-FLOAT32_MAX, FLOAT32_MAX)
@@ -128,6 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.handlers[:] = [handler]
+    quiet_libraries()
     root.setLevel(logging.INFO)
     stop = threading.Event()
     restore = stop_on_sigint(stop)

@@ -35,6 +35,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from server.logs import configure_logging
+
 JOB_FILE = "job.json"
 PROGRESS_FILE = "progress.jsonl"
 RESULT_FILE = "result.json"
@@ -132,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m server.training.worker JOBDIR", file=sys.stderr)
         return 64
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level=logging.INFO, stream=sys.stderr)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watchdog", daemon=True).start()
     return run(Path(argv[0]))
 
