@@ -199,7 +199,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 #: Commands that load a model: they need the ``server`` extra (the others are gRPC clients: grpcio and protobuf).
 SERVER_COMMANDS = ("serve", "train")
 #: Top-level modules ``serve`` and ``train`` need beyond the client: the ``server`` extra of pyproject.toml.
-SERVER_EXTRA_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "gguf",
+#: (``gguf`` is in the extra too but only the embedded model's one-time conversion needs it:
+#: ``server.model.source.check_model_source`` asks for it then.)
+SERVER_EXTRA_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors",
                         "grpc_health", "grpc_reflection", "prometheus_client", "psutil")
 
 

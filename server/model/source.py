@@ -123,6 +123,15 @@ def check_model_source(cfg: ModelConfig, *, timeout_s: float = HUB_PROBE_TIMEOUT
         converted = embedded.converted_dir(cfg.cache_dir)
         if not ((converted / "config.json").is_file() and (converted / "model.safetensors").is_file()):
             embedded.find_gguf()
+            import importlib.util
+
+            try:
+                has_gguf = importlib.util.find_spec("gguf") is not None  # transformers reads GGUF through it
+            except (ImportError, ValueError):
+                has_gguf = False
+            if not has_gguf:
+                raise FailedPrecondition("converting the embedded model needs the gguf package: pip install "
+                                         "'qlora-server[server]'", field="model")
         return "embedded"
     path = Path(value).expanduser()
     if path.exists() or looks_like_path(value):

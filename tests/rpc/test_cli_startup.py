@@ -163,6 +163,23 @@ def test_serve_without_the_server_extra_names_it(tmp_path):
     assert "torch" in line and "transformers" in line
 
 
+BLOCK_GGUF = BLOCK_TORCH.replace('("torch", "transformers")', '("gguf",)')
+
+
+def test_only_the_embedded_models_conversion_needs_gguf(tmp_path):
+    """A server of any other model starts without ``gguf`` (the GPU image has none); converting the embedded model
+    asks for it by name."""
+    other = _serve(tmp_path, "--port", "0", "--metrics-port", "-1", "--model", str(tmp_path / "no-such-model"),
+                   prelude=BLOCK_GGUF)
+    line = _error_line(other)
+    assert "does not exist" in line and "extra" not in line  # got past the extra check to the --model check
+    embedded = _serve(tmp_path, "--port", "0", "--metrics-port", "-1", "--cache-dir", str(tmp_path / "fresh-cache"),
+                      prelude=BLOCK_GGUF)
+    line = _error_line(embedded)
+    assert "model: converting the embedded model needs the gguf package" in line
+    assert not (tmp_path / "fresh-cache").exists() or not any((tmp_path / "fresh-cache").rglob("*.safetensors"))
+
+
 def test_train_without_the_server_extra_names_it(tmp_path):
     code = f"{BLOCK_TORCH}\nfrom server.cli import main\nsys.exit(main(['train', {str(tmp_path / 'c.yaml')!r}]))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
