@@ -219,11 +219,36 @@ def missing_server_modules() -> list[str]:
     return missing
 
 
+def check_writable_dir(path: Path, field: str) -> None:
+    """Make sure ``path`` is a directory this process can create files in (creating it if absent), so a bad
+    ``--adapters-dir`` / ``--state-dir`` fails start-up at once, before the model loads.
+
+    Raises:
+        FailedPrecondition: (``field``) it exists and is not a directory, cannot be created, or is not writable.
+    """
+    import tempfile
+
+    from server.errors import FailedPrecondition
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FailedPrecondition(f"{path} exists and is not a directory", field=field)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise FailedPrecondition(f"{path} cannot be used as a directory here: {exc.strerror or exc}",
+                                 field=field) from None
+
+
 def _default_app_factory(config: ServerConfig, metrics):
     """Check ``--model`` in seconds (:func:`server.model.source.check_model_source`: a missing path, a directory
     lacking model files, an unreachable or offline hub), then build the app with ``server.app.build_app``."""
     from server.model.source import check_model_source
 
+    check_writable_dir(config.adapters_dir, "adapters_dir")
+    check_writable_dir(config.state_dir, "state_dir")
     check_model_source(config.model)
     from server.app import build_app  # heavy (torch, transformers): imported only once the model looks loadable
 

@@ -113,8 +113,10 @@ def load_base_model(cfg: ModelConfig):
             device_map={"": device},
             attn_implementation="sdpa",
         )
-    except (OSError, ValueError) as exc:
-        raise FailedPrecondition(f"cannot load base model {path!r}: {exc}", field="model") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt weights / tokenizer files raise many kinds; one clear answer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FailedPrecondition(f"cannot load base model {path!r}: {type(exc).__name__}: {first}",
+                                 field="model") from exc
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

@@ -258,3 +258,41 @@ def test_a_complete_model_directory_passes(tmp_path):
     _shard_dir(tmp_path / "sharded")
     (tmp_path / "sharded" / "model-00002-of-00002.safetensors").write_text("")
     assert check_model_source(ModelConfig(model=str(tmp_path / "sharded"))) == "directory"
+
+
+# --- files the server cannot use: one line naming the field, whatever the fault ------------------------------------
+
+def _bad_dir(kind: str, tmp_path: Path) -> str:
+    if kind == "a file":
+        target = tmp_path / "plain-file"
+        target.write_text("x")
+        return str(target)
+    if kind == "under a file":
+        (tmp_path / "f").write_text("x")
+        return str(tmp_path / "f" / "sub")
+    return "/proc/qlora-no-such-dir"  # /proc refuses new entries even to root
+
+
+@pytest.mark.parametrize("option,field", [("--adapters-dir", "adapters_dir"), ("--state-dir", "state_dir")])
+@pytest.mark.parametrize("kind", ["a file", "under a file", "not creatable"])
+def test_an_unusable_directory_fails_start_up_before_the_model_loads(tmp_path, option, field, kind):
+    proc = _serve(tmp_path, "--port", "0", "--metrics-port", "-1", "--cache-dir", str(tmp_path / "cache"),
+                  option, _bad_dir(kind, tmp_path))
+    line = _error_line(proc)
+    assert f"FAILED_PRECONDITION: {field}:" in line
+    assert not (tmp_path / "cache").exists()  # nothing converted or loaded
+
+
+@pytest.mark.parametrize("weights,tokenizer", [("not safetensors", '{"version": "1.0"}'),
+                                               (None, "{}"), ("\x00" * 64, "not json")])
+def test_corrupt_model_files_are_one_line_naming_model(tmp_path, weights, tokenizer):
+    """A directory that looks complete but whose files are corrupt fails with one line, no traceback."""
+    from tests.tiny import save_tiny_base
+
+    model = save_tiny_base(tmp_path)
+    if weights is not None:
+        (model / "model.safetensors").write_text(weights)
+    (model / "tokenizer.json").write_text(tokenizer)
+    proc = _serve(tmp_path, "--port", "0", "--metrics-port", "-1", "--model", str(model))
+    line = _error_line(proc)
+    assert "FAILED_PRECONDITION: model: cannot load base model" in line
