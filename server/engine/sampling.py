@@ -28,16 +28,32 @@ class NonFiniteLogits(ServerError):
     """The model produced NaN or +inf logits (or only -inf) for a row: INTERNAL, that row's request fails."""
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(seed: int) -> int:
+    """SplitMix64's finalizer (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", 2014) folded
+    to 32 bits: a bijection-based hash of a uint64 ``seed`` whose low 32 bits depend on all 64 input bits. Returns
+    an int in ``0 .. 2**32 - 1`` (what PyTorch's CPU generator keeps anyway)."""
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """A request's own random generator (None when greedy): its draws never depend on the other rows.
 
-    ``params.seed`` must be in ``0 .. 2**64 - 1`` (checked by :meth:`SamplingParams.validate`).
+    ``params.seed`` must be in ``0 .. 2**64 - 1`` (checked by :meth:`SamplingParams.validate`). PyTorch's CPU
+    generator (mt19937) keeps only the low 32 bits of its seed, so the seed is mixed first (:func:`mix_seed`):
+    every one of its 64 bits changes the stream, on the CPU and on CUDA alike.
     """
     if params.temperature == 0:
         return None
     generator = torch.Generator(device=device)
     if params.seed is not None:
-        generator.manual_seed(int(params.seed))
+        generator.manual_seed(mix_seed(int(params.seed)))
     else:
         generator.seed()
     return generator
