@@ -28,6 +28,38 @@ def _interval(lo, hi, lo_open: bool, hi_open: bool) -> str:
     return f"{'(' if lo_open else '['}{_bound(lo, '-inf')}, {_bound(hi, 'inf')}{')' if hi_open else ']'}"
 
 
+def _finite_range(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    """``"a finite number in [0, 1]"``, ``"a finite number > 0"``, ``"a finite number"`` (no infinite bounds shown)."""
+    if lo is not None and hi is not None:
+        return f"a finite number in {_interval(lo, hi, lo_open, hi_open)}"
+    if lo is not None:
+        return f"a finite number {'>' if lo_open else '>='} {_bound(lo, '')}"
+    if hi is not None:
+        return f"a finite number {'<' if hi_open else '<='} {_bound(hi, '')}"
+    return "a finite number"
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined by single spaces: every message the command line prints is one line, even
+    when a library's error text (a YAML parser's, say) spans several."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def target_address(text: str) -> str:
+    """An argparse ``type`` for ``--target``: ``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a port in 1..65535, or a
+    gRPC URI (``dns:///…``, ``unix:…``, ``ipv4:…``, ``ipv6:…``) passed through. Refuses an empty host or a port
+    out of range, which gRPC would otherwise wrap silently (``:115587`` reached port 50051)."""
+    text = text.strip()
+    if text.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or host in ("[]",) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port in 1..65535, got {text!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"an IPv6 host goes in brackets ([::1]:50051), got {text!r}")
+    return text
+
+
 def int_in(lo: int | None, hi: int | None) -> Callable[[str], int]:
     """An argparse ``type`` parsing a base-10 integer in ``[lo, hi]`` (None = unbounded on that side).
 
@@ -53,20 +85,20 @@ def float_in(lo: float | None = None, hi: float | None = None, *, lo_open: bool 
     """An argparse ``type`` parsing a finite number in the interval from ``lo`` to ``hi`` (open ends as given; None
     = unbounded). NaN, infinities and numbers that overflow a double (``1e999``) are refused like any value out of
     range, with ``argparse.ArgumentTypeError``."""
-    where = _interval(lo, hi, lo_open, hi_open)
+    where = _finite_range(lo, hi, lo_open, hi_open)
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a finite number in {where}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text!r}") from None
         ok = math.isfinite(value)
         if ok and lo is not None:
             ok = value > lo if lo_open else value >= lo
         if ok and hi is not None:
             ok = value < hi if hi_open else value <= hi
         if not ok:
-            raise argparse.ArgumentTypeError(f"must be a finite number in {where}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text!r}")
         return value
 
     parse.__name__ = "number"

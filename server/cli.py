@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from server.argtypes import INT32_MAX, INT64_MAX, MAX_TIMEOUT_S, UINT64_MAX, OneLineErrorParser, float_in, int_in
+from server.argtypes import (
+    INT32_MAX,
+    INT64_MAX,
+    MAX_TIMEOUT_S,
+    UINT64_MAX,
+    OneLineErrorParser,
+    float_in,
+    int_in,
+    one_line,
+    target_address,
+)
 from server.config import COMPUTE_DTYPES, EMBEDDED_MODEL, EngineConfig, ModelConfig, ServerConfig
 from server.errors import ServerError
 from server.training.commands import add_jobs_command, add_train_command
@@ -79,7 +89,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    p.add_argument("--target", default=DEFAULT_TARGET, type=target_address,
+                   help=f"server address HOST:PORT (default {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
                    help="deadline of each call (seconds)")
 
@@ -171,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qlora-server: error: `{args.command}` needs the server extra: pip install 'qlora-server[server]' "
                   f"(missing: {', '.join(missing)})", file=sys.stderr, flush=True)
             return EXIT_STARTUP
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C in a client command (serve and train handle their own): no traceback
+        print("qlora-server: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 # --- serve ---------------------------------------------------------------------------------------------------------
@@ -361,7 +376,7 @@ def _startup_error(exc: Exception) -> int:
         line = f"{exc.code}: {exc}"
     else:
         line = f"INTERNAL: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-    print(f"qlora-server: error: {line}", file=sys.stderr, flush=True)
+    print(one_line(f"qlora-server: error: {line}"), file=sys.stderr, flush=True)
     return EXIT_STARTUP
 
 
@@ -408,7 +423,7 @@ def _client_command(fn: Callable[..., None]) -> Callable[[argparse.Namespace], i
             with Client(args.target, timeout=args.timeout) as client:
                 fn(client, args)
         except ClientError as exc:
-            print(f"error: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+            print(one_line(f"error: {exc.code}: {exc.message}"), file=sys.stderr, flush=True)
             return 1
         return 0
 

@@ -650,7 +650,7 @@ class TrainingSession:
         if monitor.stopped and trainer.state.global_step < trainer.state.max_steps:
             kept = last_complete_checkpoint(cfg.checkpoint_dir)
             raise Cancelled(f"stopped on request after step {trainer.state.global_step}; kept: checkpoint {kept} "
-                            "(complete); no adapter was written; resume continues from the checkpoint")
+                            "(complete); no adapter was written")
         if not monitor.history:
             raise FailedPrecondition(f"no training step ran (checkpoint at step {resumed_from} already reached "
                                      f"{trainer.state.max_steps} steps)", field="max_steps")

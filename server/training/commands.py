@@ -11,7 +11,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from server.argtypes import FLOAT32_MAX, INT32_MAX, INT64_MAX, MAX_TIMEOUT_S, float_in, int_in
+from server.argtypes import (
+    FLOAT32_MAX,
+    INT32_MAX,
+    INT64_MAX,
+    MAX_TIMEOUT_S,
+    float_in,
+    int_in,
+    one_line,
+    target_address,
+)
 from server.errors import Cancelled, InvalidArgument, ServerError
 from server.logs import quiet_libraries
 
@@ -41,7 +50,7 @@ CONFIG_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("max_seq_length", _INT32, "longest example (tokens)"),
     ("truncate", bool, "cut longer examples to --max-seq-length instead of refusing the dataset"),
     ("optim", str, "paged_adamw_8bit or paged_adamw_32bit"),
-    ("seed", int_in(-INT64_MAX - 1, INT64_MAX), "random seed"),
+    ("seed", int_in(0, INT64_MAX), "random seed"),
     ("eval_fraction", _DOUBLE, "share of the dataset held out for evaluation, in [0, 1)"),
     ("eval_steps", _INT32, "evaluate every N steps (0 = only at the end)"),
     ("eval_max_examples", _INT32, "evaluate on at most this many held-out examples"),
@@ -60,13 +69,14 @@ def _default_target() -> str:
 
 
 def _add_client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=_default_target(), help="server address HOST:PORT (default %(default)s)")
+    p.add_argument("--target", default=_default_target(), type=target_address,
+                   help="server address HOST:PORT (default %(default)s)")
     p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
                    help="deadline of each call (seconds)")
 
 
 def _error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(one_line(f"error: {message}"), file=sys.stderr, flush=True)
 
 
 # --- train -----------------------------------------------------------------------------------------------------------
@@ -142,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _error(abort_message(config.checkpoint_dir))
         return 130
     except Cancelled as exc:
-        _error(f"{exc}; run again with --resume to continue")
+        _error(f"{exc} (run again with --resume to continue)")
         return 130
     except InvalidArgument as exc:
         _error(f"{exc.code}: {exc}")
