@@ -472,9 +472,9 @@ class Engine:
         if not seq.generated:
             seq.first_token = now
         if token in seq.stop_ids:  # a stop string that is exactly one (special) token's text
+            # Like EOS, a token that ends the request by its id is not part of the output (nor counted in
+            # completion_tokens): the same generation reports the same count whether it ended on EOS or on a stop.
             self._emit_text(seq, final=True)
-            seq.generated.append(token)
-            self.metrics.generated_tokens.labels(seq.label).inc()
             self._end(seq, reason=FINISH_STOP)
             return
         if token in self.eos_ids:

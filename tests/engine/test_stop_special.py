@@ -65,7 +65,25 @@ def test_stop_string_naming_the_special_token_matches_its_id(case):
     out = generate(eng, "by-id", stop=(content,))
     assert out.finish_reason == "stop"
     assert out.text == tok.decode(ids[:k], skip_special_tokens=True)
-    assert list(out.token_ids) == ids[:k + 1]
+    assert list(out.token_ids) == ids[:k]  # like EOS, the token that ends the request by id is not output
+
+
+def test_a_stop_token_that_is_eos_counts_like_eos():
+    """The same output reports the same completion tokens whether it ended on EOS or on a stop naming EOS (or on
+    any other stop token matched by id): the ending token is not output."""
+    eng, tok = _scripted_engine([])
+    eos = tok.eos_token_id
+    assert eos in eng.eos_ids
+    results = {}
+    for name, stops in (("eos", ()), ("stop-eos", (tok.convert_ids_to_tokens(eos),))):
+        params = SamplingParams(max_new_tokens=8, stop=stops)
+        seq = _Sequence(request=GenerationRequest(name, prompt="x", params=params), stream=RequestStream(name, eng),
+                        prompt_ids=[1], arrival=time.monotonic(), label="base", stop_ids=eng._stop_token_ids(stops))
+        for t in (ord("a"), ord("b"), eos):
+            eng._accept(seq, t)
+        assert seq.done
+        results[name] = list(seq.generated)
+    assert results["eos"] == results["stop-eos"] == [ord("a"), ord("b")]
 
 
 @pytest.mark.parametrize("start,end", [(0, 1), (-1, 1), (0, 2), (-1, 2)])
