@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 import threading
@@ -98,7 +97,7 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
     try:
         training = TrainingManager(store, JobStore(config.state_dir / DB_FILE), config.state_dir, metrics,
-                                   model_config=dataclasses.replace(config.model, compute_dtype=compute_dtype)).start()
+                                   model_config=config.model).start()
     except BaseException:
         cache.close()
         raise

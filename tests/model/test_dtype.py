@@ -135,9 +135,11 @@ def test_server_and_trainer_pick_the_same_dtype_on_this_machine(tiny_base, tmp_p
     expected = choose_compute_dtype("auto", "cpu", cpu_flags=read_cpu_flags(),
                                     cpu_capability=torch.backends.cpu.get_cpu_capability()).dtype
     assert served.compute_dtype == expected
-    # A job the server starts gets the server's resolved dtype, not "auto" (server.app does this replace).
-    import dataclasses
-
-    server_cfg = dataclasses.replace(ModelConfig(model=str(tiny_base), device="cpu"), compute_dtype=served.compute_dtype)
+    # A job the server starts passes the server's own setting ("auto") to the worker, which resolves it with the same
+    # code on the same machine: the same dtype, and the model card keeps the "auto: ..." reason.
+    server_cfg = ModelConfig(model=str(tiny_base), device="cpu")
     job = build_train_config(JobRequest(adapter_id="a", dataset_path="d.jsonl", config={}), server_cfg, tmp_path)
-    assert job.compute_dtype == served.compute_dtype
+    assert job.compute_dtype == "auto"
+    _, _, job_loaded = load_base_model(job.model_config())
+    assert job_loaded.compute_dtype == served.compute_dtype
+    assert job_loaded.compute_dtype_reason.startswith("auto:")
