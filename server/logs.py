@@ -15,7 +15,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Library loggers raised to a higher level: their messages are not the user's concern. bitsandbytes tries to fetch
 #: an optional CPU kernel from the Hugging Face hub through the ``kernels`` package on every start and warns when it
 #: cannot; the built-in CPU kernel it falls back to is the one we test with.
-QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
+#: transformers' checkpoint rotation warns that file mtimes "may not be reliable" on some filesystems and then
+#: orders checkpoints by step number, which is what we rely on anyway.
+QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR, "transformers.trainer_utils": logging.ERROR}
 # Keys every JSON line has; structured fields never overwrite them.
 _BASE_KEYS = ("ts", "level", "logger", "msg")
 
