@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,9 @@ class App:
     metrics: Metrics
     _sampler_stop: threading.Event
     training: TrainingManager | None = None
+    #: Set by ``serve`` when shutdown begins: requests the RPC layer stops from then on end "server shutting down",
+    #: not "the client cancelled" (gRPC cancels the calls still running when the grace period ends).
+    shutting_down: threading.Event = field(default_factory=threading.Event)
 
     def close(self) -> None:
         """Stop the training manager (a running job's worker is terminated, the job cancelled), the engine (running

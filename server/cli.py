@@ -364,6 +364,9 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
             pass
     finally:
         log.info("shutting down (grace %.1f s)", grace_seconds)
+        shutting_down = getattr(app, "shutting_down", None)
+        if shutting_down is not None:
+            shutting_down.set()
         health.enter_graceful_shutdown()
         grpc_server.stop(grace_seconds).wait()
         app.close()

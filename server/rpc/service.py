@@ -43,10 +43,14 @@ def monotonic_deadline(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _client_gone(clock: DeadlineClock) -> ServerError:
-    """What a request whose RPC ended early (client gone) ends with: its deadline, or a cancellation."""
+def _client_gone(clock: DeadlineClock, app=None) -> ServerError:
+    """What a request whose RPC ended early ends with: its deadline, the server's shutdown (``app.shutting_down``
+    set: gRPC cancelled the call when the grace period ran out), or the client's cancellation."""
     if clock.passed():
         return DeadlineExceeded("the client's deadline passed")
+    shutting_down = getattr(app, "shutting_down", None)
+    if shutting_down is not None and shutting_down.is_set():
+        return Cancelled("the server shut down before the request finished")
     return Cancelled("the client cancelled the request")
 
 
@@ -73,7 +77,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         stream = self._app.engine.submit(req)
 
         def stop() -> None:
-            _stop(stream, context, clock)
+            _stop(stream, context, clock, self._app)
 
         if not context.add_callback(stop):  # the RPC already ended (client gone)
             stop()
@@ -98,10 +102,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         token_ids=tuple(token_ids), finish_reason=event.finish_reason or "",
                         prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                         timings=event.timings or _ZERO_TIMINGS))
-            raise _ended_early(context, clock)
+            raise _ended_early(context, clock, self._app)
         finally:
             if not finished:
-                _stop(stream, context, clock)
+                _stop(stream, context, clock, self._app)
 
     def GenerateStream(self, request: pb.GenerateRequest,
                        context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
@@ -118,21 +122,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     return
                 if event.text:
                     yield convert.stream_event_to_proto(event)
-            raise _ended_early(context, clock)
+            raise _ended_early(context, clock, self._app)
         finally:
             if not finished:
-                _stop(stream, context, clock)
+                _stop(stream, context, clock, self._app)
 
 
-def _stop(stream, context: grpc.ServicerContext, clock: DeadlineClock) -> None:
+def _stop(stream, context: grpc.ServicerContext, clock: DeadlineClock, app=None) -> None:
     """Stop the engine's work for an RPC that ended (or is ending) before its final event; a no-op for a request
     that already finished."""
-    stream.cancel(_client_gone(clock) if not context.is_active() else Cancelled("the RPC ended early"))
+    stream.cancel(_client_gone(clock, app) if not context.is_active() else Cancelled("the RPC ended early"))
 
 
-def _ended_early(context: grpc.ServicerContext, clock: DeadlineClock) -> ServerError:
+def _ended_early(context: grpc.ServicerContext, clock: DeadlineClock, app=None) -> ServerError:
     if not context.is_active():
-        return _client_gone(clock)
+        return _client_gone(clock, app)
     return ServerError("the engine ended the request without a final event")
 
 

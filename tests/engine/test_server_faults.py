@@ -49,3 +49,26 @@ def test_bad_sampling_request_beside_a_stream_then_sigterm(server):
     lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
     requests = [r for r in lines if r.get("event") == "request"]
     assert [r["status"] for r in requests] == ["OK"] * 3  # alone, the bad one, the stream: one line each
+
+
+def test_requests_cut_off_by_shutdown_are_logged_as_shutdown_not_as_client_cancels(tmp_path):
+    """SIGTERM with a short grace while a long stream runs: the client sees the call end, and the request log says
+    the server shut down (the request was not cancelled by its client)."""
+    base = save_tiny_base(tmp_path)
+    save_byte_tokenizer(base)
+    srv = start_server(str(base), tmp_path / "store", tmp_path / "server.log", "--compute-dtype", "float32",
+                       "--log-json", "--shutdown-grace", "0.2")
+    try:
+        gen, _ = srv.stubs()
+        stream = gen.GenerateStream(pb.GenerateRequest(prompt="hello there", max_new_tokens=1000),
+                                    timeout=WAIT)
+        next(stream)  # it is decoding
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=WAIT) == 0
+    finally:
+        stop_process(srv.proc, timeout_s=5)
+    lines = [json.loads(line) for line in srv.log_path.read_text().splitlines() if line.startswith("{")]
+    requests = [r for r in lines if r.get("event") == "request"]
+    assert len(requests) == 1, requests
+    error = requests[0].get("error", "")
+    assert requests[0]["status"] == "CANCELLED" and "shut" in error and "client" not in error, requests[0]

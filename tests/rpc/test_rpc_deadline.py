@@ -95,3 +95,18 @@ def test_expired_deadline_is_deadline_exceeded_on_both_paths(generation, app, ki
     assert _wait_for(lambda: _count(app, METHODS[kind], "DEADLINE_EXCEEDED") == 1)
     assert _count(app, METHODS[kind], "CANCELLED") == 0
     assert isinstance(app.engine.streams[0].cancel_error, DeadlineExceeded)
+
+
+def test_a_call_cancelled_during_shutdown_is_the_servers_shutdown_not_the_clients():
+    import threading
+    from types import SimpleNamespace
+
+    from server.rpc.service import _client_gone
+
+    clock = SimpleNamespace(passed=lambda: False)
+    app = SimpleNamespace(shutting_down=threading.Event())
+    assert "client" in str(_client_gone(clock, app))
+    app.shutting_down.set()
+    error = _client_gone(clock, app)
+    assert error.code == "CANCELLED" and "shut down" in str(error) and "client" not in str(error)
+    assert _client_gone(SimpleNamespace(passed=lambda: True), app).code == "DEADLINE_EXCEEDED"  # a deadline wins
