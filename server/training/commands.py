@@ -282,7 +282,15 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise InvalidArgument(f"cannot read {args.config}: {exc}", field="config") from None
         if not isinstance(data, dict):
             raise InvalidArgument(f"{args.config} must hold a mapping of TrainingConfig fields", field="config")
-        config.update(data)
+        from server.training.manager import JOB_FIXED_FIELDS
+
+        # A trainer recipe (e.g. examples/extraction/train.yaml) also names its model, paths and adapter id: for a
+        # job those come from the server and from --adapter-id / --dataset, so they are left out, and said so.
+        fixed = sorted(k for k in data if k in JOB_FIXED_FIELDS)
+        if fixed:
+            print(f"note: {args.config}: {', '.join(fixed)} ignored (a job trains the server's model; "
+                  "--adapter-id and --dataset name the rest)", file=sys.stderr, flush=True)
+        config.update({k: v for k, v in data.items() if k not in JOB_FIXED_FIELDS})
     for name, _, _ in CONFIG_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
