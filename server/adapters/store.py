@@ -343,8 +343,12 @@ class AdapterStore:
 
     def _raise_if_changed(self, info: AdapterInfo) -> None:
         """Raise FailedPrecondition when ``info`` is no longer the adapter's current version (replaced or
-        unregistered since it was looked up)."""
-        with self._lock:
+        unregistered since it was looked up).
+
+        Only called on a load's error path. It waits for a change in progress (``_write_lock``: a writer renames the
+        directories first and updates the registry after), so a load that saw a half-done change is reported as
+        "replaced or unregistered" (which the cache retries) rather than as a broken adapter."""
+        with self._write_lock, self._lock:
             current = self._infos.get(info.adapter_id)
         if current is None or current.version != info.version:
             raise FailedPrecondition(f"adapter {info.adapter_id!r} was replaced or unregistered while loading "

@@ -602,25 +602,26 @@ class Engine:
     def _fail_in_flight(self, error: ServerError) -> None:
         """End every request the failed step touched: the running batch and any request being admitted (out of
         the queue, not yet running). Waiting requests are untouched."""
+        self._end_all(error, waiting_too=False)
+
+    def _shutdown(self, error: ServerError) -> None:
+        """End every request still in flight (running, waiting, or being admitted) with ``error``."""
+        self._end_all(error, waiting_too=True)
+
+    def _end_all(self, error: ServerError, waiting_too: bool) -> None:
+        """End the running batch and the requests being admitted with ``error`` — the waiting queue too when
+        ``waiting_too`` — and drop the batch's KV cache."""
         with self._lock:
+            if waiting_too:
+                self._waiting = deque()
             waiting = {id(s) for s in self._waiting}
             touched = [s for s in self._by_id.values() if id(s) not in waiting]
         for seq in [*self._running, *touched]:
             self._end(seq, error=error)
         self._running, self._next_ids, self._state = [], [], None
         self.metrics.running.set(0)
-        self.metrics.component_bytes.labels("kv_cache").set(0)
-
-    def _shutdown(self, error: ServerError) -> None:
-        """End every request still in flight (running, waiting, or being admitted) with ``error``."""
-        with self._lock:
-            self._waiting = deque()
-            rest = list(self._by_id.values())
-        for seq in [*self._running, *rest]:
-            self._end(seq, error=error)
-        self._running, self._next_ids, self._state = [], [], None
-        self.metrics.running.set(0)
-        self.metrics.waiting.set(0)
+        if waiting_too:
+            self.metrics.waiting.set(0)
         self.metrics.component_bytes.labels("kv_cache").set(0)
 
     def _notify_failure(self) -> None:

@@ -32,14 +32,14 @@ _MASK64 = (1 << 64) - 1
 
 
 def mix_seed(seed: int) -> int:
-    """SplitMix64's finalizer (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", 2014) folded
-    to 32 bits: a bijection-based hash of a uint64 ``seed`` whose low 32 bits depend on all 64 input bits. Returns
-    an int in ``0 .. 2**32 - 1`` (what PyTorch's CPU generator keeps anyway)."""
+    """SplitMix64's output function (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", 2014):
+    a bijection of uint64 whose every output bit depends on all 64 input bits. Returns an int in
+    ``0 .. 2**64 - 1``: CUDA's Philox generator uses all of it, PyTorch's CPU generator its low 32 bits (which
+    still depend on every bit of ``seed``)."""
     z = (seed + 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return (z ^ (z >> 32)) & 0xFFFFFFFF
+    return z ^ (z >> 31)
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -67,7 +67,8 @@ def _valid_rows(scores: torch.Tensor) -> torch.Tensor:
 def _sample_row(row: torch.Tensor, p: SamplingParams, seen: list[int], generator: torch.Generator | None) -> int:
     """One row ``[1, V]`` (already checked finite) → one token id, following the module's numerics."""
     row = row.double()
-    ids = torch.tensor([seen], dtype=torch.long, device=row.device)
+    # The warpers below ignore the ids; only the repetition penalty reads them (a host-to-device copy per row).
+    ids = torch.tensor([seen], dtype=torch.long, device=row.device) if p.repetition_penalty != 1.0 else None
     if p.repetition_penalty != 1.0:
         row = RepetitionPenaltyLogitsProcessor(float(p.repetition_penalty))(ids, row)
         row = row.clamp(-_FLOAT64_MAX, _FLOAT64_MAX)  # a tiny / huge penalty must not create +-inf

@@ -102,7 +102,8 @@ def resolve_compute_dtype(requested: str, device) -> DtypeChoice:
     cuda_bf16 = False
     if device.type == "cuda":
         with torch.cuda.device(device):
-            cuda_bf16 = bool(torch.cuda.is_bf16_supported())
+            # including_emulation=False: pre-Ampere GPUs "support" bf16 only by emulation, the slow path again
+            cuda_bf16 = bool(torch.cuda.is_bf16_supported(including_emulation=False))
     on_cpu = device.type != "cuda"
     choice = choose_compute_dtype(requested, device.type, cuda_bf16=cuda_bf16,
                                   cpu_flags=read_cpu_flags() if on_cpu else (),

@@ -409,3 +409,58 @@ def test_no_request_admitted_after_a_change_sees_an_old_version(spec, variants, 
         finally:
             monkeypatch.undo()
             cache.close()
+
+
+@pytest.mark.parametrize("change", ["replace", "unregister"])
+def test_a_load_inside_a_change_in_progress_reports_the_change_not_a_broken_adapter(tmp_path, spec, variants,
+                                                                                       monkeypatch, change):
+    """A writer renames directories first and updates the registry after. A load that reads in between must say
+    "replaced or unregistered" (the cache looks the adapter up again), never "version 2 on disk" or "cannot be
+    read" (which would fail the request)."""
+    import threading
+
+    store = AdapterStore(tmp_path / "store", spec)
+    store.register("a", variants["w1"])
+    real_rename = store_module.os.rename
+    renamed, release = threading.Event(), threading.Event()
+
+    def rename_then_pause(src, dst, *args, **kwargs):
+        real_rename(src, dst, *args, **kwargs)
+        moved_into_place = Path(dst).name == "a" and change == "replace"
+        moved_aside = Path(src).name == "a" and change == "unregister"
+        if moved_into_place or moved_aside:
+            renamed.set()
+            assert release.wait(30)
+
+    monkeypatch.setattr(store_module.os, "rename", rename_then_pause)
+    writer = threading.Thread(target=(lambda: store.register("a", variants["w1_alpha32"], replace=True))
+                              if change == "replace" else (lambda: store.unregister("a")))
+    writer.start()
+    assert renamed.wait(30)
+
+    class AnnouncingLock:
+        """The store's write lock, letting the paused writer go on once the load asks for the lock."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            release.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    store._write_lock = AnnouncingLock(store._write_lock)  # the writer already holds the real one
+    outcome = _load_outcome(store)  # inside the change; a load that does not wait fails at once
+    release.set()
+    writer.join(30)
+    assert isinstance(outcome, FailedPrecondition), outcome
+    assert "replaced or unregistered" in str(outcome), outcome
+
+
+def _load_outcome(store):
+    try:
+        return store.load("a")
+    except FailedPrecondition as exc:
+        return exc

@@ -54,10 +54,12 @@ def test_bad_sampling_request_beside_a_stream_then_sigterm(server):
 def test_requests_cut_off_by_shutdown_are_logged_as_shutdown_not_as_client_cancels(tmp_path):
     """SIGTERM with a short grace while a long stream runs: the client sees the call end, and the request log says
     the server shut down (the request was not cancelled by its client)."""
-    base = save_tiny_base(tmp_path)
+    # No grace at all, and a deeper tiny model (slower steps): the stream (at most ~117 tokens in a 128-token
+    # context) is certainly still running when SIGTERM arrives right after its first message.
+    base = save_tiny_base(tmp_path, layers=8)
     save_byte_tokenizer(base)
     srv = start_server(str(base), tmp_path / "store", tmp_path / "server.log", "--compute-dtype", "float32",
-                       "--log-json", "--shutdown-grace", "0.2")
+                       "--log-json", "--shutdown-grace", "0")
     try:
         gen, _ = srv.stubs()
         stream = gen.GenerateStream(pb.GenerateRequest(prompt="hello there", max_new_tokens=1000),

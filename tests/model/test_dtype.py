@@ -143,3 +143,20 @@ def test_server_and_trainer_pick_the_same_dtype_on_this_machine(tiny_base, tmp_p
     _, _, job_loaded = load_base_model(job.model_config())
     assert job_loaded.compute_dtype == served.compute_dtype
     assert job_loaded.compute_dtype_reason.startswith("auto:")
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bfloat16"), (False, "float16")])
+def test_auto_on_cuda_does_not_count_emulated_bf16(monkeypatch, native, expected):
+    """torch.cuda.is_bf16_supported() says True on pre-Ampere GPUs by emulation; auto must pick float16 there."""
+    import contextlib
+
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
+    choice = dtype_mod.resolve_compute_dtype("auto", torch.device("cuda", 0))
+    assert choice.dtype == expected and calls == [False]
