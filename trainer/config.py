@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,9 @@ class TrainConfig:
             arXiv:2106.09685) or ``(lora_alpha / sqrt(r)) · B A`` with ``use_rslora`` (Kalajdzievski 2023,
             arXiv:2312.03732).
         lora_dropout: dropout probability on the LoRA input.
-        target_modules: module names to adapt; ``None`` = every linear layer of the decoder blocks (not lm_head),
-            as in the QLoRA paper.
+        target_modules: module names to adapt (a list: exact names or name suffixes), or one string, which PEFT
+            reads as a regex matched against full module names (``".*\\.(q|v)_proj"``); ``None`` = every linear
+            layer of the decoder blocks (not lm_head), as in the QLoRA paper.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         learning_rate: peak learning rate.
         lr_scheduler: one of ``SCHEDULERS``.
@@ -94,7 +96,7 @@ class TrainConfig:
     r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
-    target_modules: tuple[str, ...] | None = None
+    target_modules: tuple[str, ...] | str | None = None
     use_rslora: bool = False
     learning_rate: float = 2e-4
     lr_scheduler: str = "constant_with_warmup"
@@ -134,13 +136,17 @@ class TrainConfig:
                  "must name a directory, a hub id or 'smollm2'")
         _require(isinstance(self.adapter_id, str) and ADAPTER_ID_RE.fullmatch(self.adapter_id) is not None,
                  "adapter_id", f"must match {ADAPTER_ID_RE.pattern}")
-        if self.target_modules is not None:
+        if isinstance(self.target_modules, str):  # a regex, as PEFT reads a string (full match on module names)
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise InvalidArgument(f"is not a valid regex: {exc}", field="target_modules") from None
+            _require(bool(self.target_modules), "target_modules", "must not be empty")
+        elif self.target_modules is not None:
             mods = self.target_modules
-            if isinstance(mods, str):
-                mods = (mods,)
             _require(isinstance(mods, (list, tuple)) and len(mods) > 0
                      and all(isinstance(m, str) and m for m in mods), "target_modules",
-                     "must be null (all linear layers of the blocks) or a non-empty list of module names")
+                     "must be null (all linear layers of the blocks), a non-empty list of module names or a regex")
             object.__setattr__(self, "target_modules", tuple(mods))
         for name in ("r", "max_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "seed",
                      "eval_steps", "eval_max_examples", "save_steps", "save_total_limit", "logging_steps",

@@ -145,7 +145,8 @@ def lora_config(config: TrainConfig):
     from peft import LoraConfig
 
     return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules) if config.target_modules else "all-linear",
+                      target_modules=(config.target_modules if isinstance(config.target_modules, str)
+                                      else list(config.target_modules) if config.target_modules else "all-linear"),
                       use_rslora=config.use_rslora, bias="none", task_type="CAUSAL_LM")
 
 

@@ -77,3 +77,35 @@ def test_missing_and_unknown_suffix_files(tmp_path):
     (tmp_path / "c.toml").write_text("x = 1")
     with pytest.raises(InvalidArgument, match="yaml"):
         TrainConfig.from_file(tmp_path / "c.toml")
+
+
+def test_a_string_target_is_a_regex_as_peft_reads_it_and_a_list_stays_names():
+    """A YAML ``target_modules: ".*\\.(q|v)_proj"`` must reach PEFT as a regex (full match), not as one literal
+    name; a list stays a list of names / suffixes."""
+    from trainer.train import lora_config
+
+    regex = r".*\.(q|v)_proj"
+    cfg = TrainConfig(dataset=Path("d.jsonl"), output_dir=Path("o"), target_modules=regex)
+    assert cfg.target_modules == regex and lora_config(cfg).target_modules == regex
+    listed = TrainConfig(dataset=Path("d.jsonl"), output_dir=Path("o"), target_modules=["q_proj", "v_proj"])
+    assert listed.target_modules == ("q_proj", "v_proj") and set(lora_config(listed).target_modules) == {"q_proj",
+                                                                                                       "v_proj"}
+    with pytest.raises(InvalidArgument) as err:
+        TrainConfig(dataset=Path("d.jsonl"), output_dir=Path("o"), target_modules="(unclosed")
+    assert err.value.field == "target_modules"
+
+
+def test_a_regex_target_reaching_the_lm_head_is_refused_before_training():
+    """The shared servability check sees the regex as PEFT will apply it: ".*lm_head" targets the LM head."""
+    from server.adapters.types import BaseModelSpec
+    from server.training.manager import check_servable
+
+    linears = {f"model.layers.0.self_attn.{m}": (8, 8) for m in ("q_proj", "v_proj")}
+    base = BaseModelSpec(name="m", linear_shapes=linears, other_modules=frozenset({"lm_head", "model.embed_tokens"}),
+                         max_rank=64)
+    check_servable(TrainConfig(dataset=Path("d.jsonl"), output_dir=Path("o"), model="m", r=4,
+                               target_modules=r".*\.(q|v)_proj"), base)
+    with pytest.raises(InvalidArgument) as err:
+        check_servable(TrainConfig(dataset=Path("d.jsonl"), output_dir=Path("o"), model="m", r=4,
+                                   target_modules=".*lm_head"), base)
+    assert err.value.field == "config.target_modules" and "lm_head" in str(err.value).lower()
