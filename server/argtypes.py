@@ -6,11 +6,13 @@ import argparse
 import math
 from typing import Callable, NoReturn
 
+from server.engine.types import SEED_MAX
+
 #: Largest value of a protobuf ``int32`` field (``max_new_tokens``, ``top_k``, ``r``, ``max_steps``, …).
 INT32_MAX = 2**31 - 1
 #: Largest value of a protobuf ``int64`` / ``uint64`` field.
 INT64_MAX = 2**63 - 1
-UINT64_MAX = 2**64 - 1
+UINT64_MAX = SEED_MAX
 #: Largest finite protobuf ``float`` (IEEE-754 single precision), e.g. ``lora_alpha``.
 FLOAT32_MAX = 3.4028234663852886e38
 #: Longest accepted RPC deadline (seconds, ~31 years): gRPC's deadline arithmetic overflows past ~9.2e9 s and

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from server.errors import AlreadyExists, Cancelled, FailedPrecondition, ServerError
+from server.training.jobs import TRAINER_PHASES
 from trainer import data as data_mod
 from trainer.adapter import (
     apply_umask_modes,
@@ -40,7 +41,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 #: Phases of a run, in order: loading (tokenizer, data, base model), training (optimizer steps, with checkpoint
 #: saves), evaluating (held-out loss; also between training steps when ``eval_steps`` is set), saving (the
 #: adapter directory). A server job adds ``registering`` after them.
-PHASES = ("loading", "training", "evaluating", "saving")
+PHASES = TRAINER_PHASES
 
 #: Config fields that define the result; ``resume`` refuses a checkpoint written with different values.
 _RESUME_FIELDS = ("model", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "learning_rate",

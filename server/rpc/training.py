@@ -7,6 +7,7 @@ from typing import Any, Iterator, Mapping
 
 import grpc
 
+from server.argtypes import FLOAT32_MAX  # the wire type of TrainingConfig's float fields
 from server.errors import InvalidArgument
 from server.rpc.convert import _f32  # float32 wire value -> the shortest decimal that rounds to it
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
@@ -29,8 +30,6 @@ _SCALAR_CONFIG_FIELDS = {"r": False, "lora_alpha": True, "lora_dropout": True, "
                          "save_steps": False, "save_total_limit": False, "logging_steps": False,
                          "zero_loss_patience": False, "gradient_checkpointing": False,
                          "eval_max_examples": False}
-#: Largest finite float32 (the wire type of the float fields above): a larger value would arrive as infinity.
-_FLOAT32_MAX = 3.4028234663852886e38
 #: State name of ``JOB_STATE_UNSPECIFIED`` (or an unknown value) read from the wire.
 UNSPECIFIED_STATE = "unspecified"
 
@@ -89,8 +88,8 @@ def training_config_to_proto(config: Mapping[str, Any]) -> pb.TrainingConfig:
                 msg.target_modules.extend([value] if isinstance(value, str) else list(value))
             elif name in _SCALAR_CONFIG_FIELDS:
                 if (_SCALAR_CONFIG_FIELDS[name] and isinstance(value, (int, float)) and math.isfinite(value)
-                        and abs(value) > _FLOAT32_MAX):
-                    raise InvalidArgument(f"{value!r} is out of float32 range (|x| <= {_FLOAT32_MAX:g})",
+                        and abs(value) > FLOAT32_MAX):
+                    raise InvalidArgument(f"{value!r} is out of float32 range (|x| <= {FLOAT32_MAX:g})",
                                           field=f"config.{name}")
                 setattr(msg, name, value)
             else:

@@ -34,6 +34,8 @@ SHUTDOWN_ERROR = "cancelled: the server shut down while the job was running; sta
 #: (with checkpoint saves), evaluates on the held-out split (also between steps when ``eval_steps`` is set),
 #: saves the adapter; then the server registers it.
 PHASES = ("loading", "training", "evaluating", "saving", "registering")
+#: The phases the trainer itself goes through (``trainer.train`` reports these; the server adds ``registering``).
+TRAINER_PHASES = PHASES[:-1]
 #: File name of the jobs database inside the state directory.
 DB_FILE = "jobs.sqlite3"
 
