@@ -1,10 +1,11 @@
-"""Assembles the data plane from a ServerConfig: NF4 base model, LoRA router, adapter store and cache, engine."""
+"""Assembles the data plane from a ServerConfig: NF4 base model, model runner, adapter store and cache, engine."""
 
 from __future__ import annotations
 
 import logging
 import platform
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from server.engine.engine import Engine
 from server.logs import RequestLog
 from server.metrics import Metrics
 from server.model.base import BaseModelInfo, load_base_model
-from server.model.lora import attach_router
+from server.model.runner import build_runner
 from server.training.jobs import DB_FILE, JobStore
 from server.training.manager import TrainingManager
 
@@ -66,17 +67,21 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
         InvalidArgument: a config field is invalid.
     """
     metrics = metrics if metrics is not None else Metrics(config.engine.top_adapter_labels)
+    start = time.perf_counter()
     if model is None:
         model, tokenizer, base_info = load_base_model(config.model)
+    metrics.startup_seconds.labels("load").set(time.perf_counter() - start)
     engine_cfg = config.engine
-    router = attach_router(model, engine_cfg.adapter_slots, engine_cfg.max_lora_rank,
-                           getattr(torch, config.model.lora_dtype), engine_cfg.max_batch_size)
     # "auto" resolved by the model loader; a caller-built BaseModelInfo (tests) leaves it to the config.
     compute_dtype = base_info.compute_dtype or config.model.compute_dtype
+    lora_dtype = resolve_lora_dtype(config.model.lora_dtype, next(model.parameters()).device, compute_dtype)
+    max_total_tokens = engine_cfg.max_total_tokens or base_info.max_positions
+    runner = build_runner(model, engine_cfg, getattr(torch, lora_dtype), max_total_tokens)
+    metrics.startup_seconds.labels("capture").set(runner.capture_seconds)
     spec = BaseModelSpec.from_model(model, base_info.name, engine_cfg.max_lora_rank)
     store = AdapterStore(config.adapters_dir, spec)
-    cache = AdapterCache(store, router, engine_cfg.cpu_adapter_cache, metrics)
-    engine = Engine(model, tokenizer, router, cache, engine_cfg, metrics, base_info.max_positions,
+    cache = AdapterCache(store, runner.banks, engine_cfg.cpu_adapter_cache, metrics)
+    engine = Engine(model, tokenizer, runner, cache, engine_cfg, metrics, base_info.max_positions,
                     request_log=RequestLog(config.log_prompts))
     metrics.build_info.info({
         "version": __version__,
@@ -86,7 +91,9 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
         "double_quant": str(config.model.double_quant).lower(),
         "compute_dtype": compute_dtype,
         "compute_dtype_reason": base_info.compute_dtype_reason or f"{compute_dtype} as configured",
-        "lora_dtype": config.model.lora_dtype,
+        "lora_dtype": lora_dtype,
+        "cuda_graphs": runner.graph_status,
+        "kv_cache_tokens": str((runner.pool.num_blocks - 1) * runner.pool.block_size),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "transformers": _version("transformers"),
@@ -94,8 +101,8 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
         "bitsandbytes": _version("bitsandbytes"),
     })
     metrics.component_bytes.labels("base_weights").set(base_info.weight_bytes)
-    metrics.component_bytes.labels("adapter_banks").set(router.bank_bytes())
-    metrics.component_bytes.labels("kv_cache").set(0)
+    metrics.component_bytes.labels("adapter_banks").set(runner.banks.bank_bytes())
+    metrics.component_bytes.labels("kv_cache").set(runner.pool.nbytes)
     metrics.adapters_registered.set(len(store.list()))
     store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
     try:
@@ -109,6 +116,14 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     threading.Thread(target=_sample_memory, args=(metrics, stop, str(base_info.device)), name="memory-sampler",
                      daemon=True).start()
     return App(config, model, tokenizer, base_info, engine, store, cache, metrics, stop, training)
+
+
+def resolve_lora_dtype(requested: str, device, compute_dtype: str) -> str:
+    """The LoRA banks' dtype: ``requested`` unless ``"auto"``, which is float32 on a CPU (PEFT's up-cast) and the
+    compute dtype on an accelerator."""
+    if requested != "auto":
+        return requested
+    return "float32" if torch.device(device).type == "cpu" else compute_dtype
 
 
 def _sample_memory(metrics: Metrics, stop: threading.Event, device: str, period_s: float = 1.0) -> None:

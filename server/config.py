@@ -36,8 +36,9 @@ class ModelConfig:
         quant_type: ``"nf4"`` (QLoRA's 4-bit NormalFloat) or ``"fp4"``.
         double_quant: quantize the per-block absmax constants too (QLoRA section 3: ~0.37 bits/param saved).
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
-        lora_dtype: dtype the LoRA A/B banks are kept and multiplied in. ``float32`` matches PEFT, which up-casts
-            adapter weights to float32 when it loads them (``autocast_adapter_dtype=True``).
+        lora_dtype: dtype the LoRA A/B banks are kept and multiplied in. ``"auto"`` (default): float32 on a CPU,
+            which matches PEFT (it up-casts adapter weights to float32 when it loads them,
+            ``autocast_adapter_dtype=True``), and the compute dtype on a GPU (half the bank memory and reads).
         cache_dir: where converted models (the embedded GGUF turned into safetensors) are kept.
     """
 
@@ -46,13 +47,13 @@ class ModelConfig:
     quant_type: str = "nf4"
     double_quant: bool = True
     device: str = "auto"
-    lora_dtype: str = "float32"
+    lora_dtype: str = "auto"
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qlora-server")
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a directory, a hub id or 'smollm2'")
         _require(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"must be one of {COMPUTE_DTYPES}")
-        _require(self.lora_dtype in _DTYPES, "lora_dtype", f"must be one of {_DTYPES}")
+        _require(self.lora_dtype in COMPUTE_DTYPES, "lora_dtype", f"must be one of {COMPUTE_DTYPES}")
         _require(self.quant_type in ("nf4", "fp4"), "quant_type", "must be 'nf4' or 'fp4'")
         _require(
             self.device == "auto" or self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
@@ -71,7 +72,15 @@ class EngineConfig:
         max_new_tokens: upper bound on a request's ``max_new_tokens`` (tokens).
         max_total_tokens: upper bound on prompt + generated tokens of one row (tokens); 0 = the model's
             ``max_position_embeddings``.
-        prefill_chunk: most new requests prefilled together in one forward pass between decode steps.
+        prefill_chunk: most prompts prefilled together in one forward pass between decode steps.
+        prefill_tokens: token budget of one prefill forward pass (rows × padded chunk length); a longer prompt is
+            prefilled in chunks, so it delays the running rows by one chunk per step, not by its whole length.
+        kv_cache_bytes: size of the preallocated paged KV cache (bytes); 0 = auto: on CUDA half of the memory free
+            after the weights and banks are loaded, on a CPU enough for ``max_batch_size`` full-length rows but at
+            most 1 GiB (``server.model.kv_cache``).
+        kv_block_size: tokens per KV cache block.
+        cuda_graphs: on CUDA, capture the decode step in CUDA graphs at start-up (checked against the eager step;
+            turned off with a logged error when the check fails). Ignored on a CPU.
         adapter_slots: adapters resident on the accelerator at once (preallocated LoRA banks, LRU).
         cpu_adapter_cache: adapters kept loaded in host memory (LRU) behind the accelerator slots.
         max_lora_rank: largest rank r an adapter may have; sets the width of the preallocated banks.
@@ -84,16 +93,21 @@ class EngineConfig:
     max_new_tokens: int = 2048
     max_total_tokens: int = 0
     prefill_chunk: int = 4
+    prefill_tokens: int = 2048
+    kv_cache_bytes: int = 0
+    kv_block_size: int = 16
+    cuda_graphs: bool = True
     adapter_slots: int = 8
     cpu_adapter_cache: int = 32
     max_lora_rank: int = 64
     top_adapter_labels: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_new_tokens", "prefill_chunk", "adapter_slots",
-                     "cpu_adapter_cache", "max_lora_rank"):
+        for name in ("max_batch_size", "max_queue", "max_new_tokens", "prefill_chunk", "prefill_tokens",
+                     "kv_block_size", "adapter_slots", "cpu_adapter_cache", "max_lora_rank"):
             _require(int(getattr(self, name)) >= 1, name, "must be >= 1")
         _require(self.max_total_tokens >= 0, "max_total_tokens", "must be >= 0 (0 = model limit)")
+        _require(self.kv_cache_bytes >= 0, "kv_cache_bytes", "must be >= 0 (0 = auto)")
         _require(self.top_adapter_labels >= 0, "top_adapter_labels", "must be >= 0")
         _require(self.cpu_adapter_cache >= self.adapter_slots, "cpu_adapter_cache",
                  "must be >= adapter_slots (the host tier backs every accelerator slot)")

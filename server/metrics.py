@@ -111,6 +111,12 @@ class Metrics:
                                      "Bytes held by base-model weights, adapter banks (accelerator slots), the "
                                      "host adapter cache and the KV cache.",
                                      ["component"], registry=r)
+        self.kv_cache_blocks = Gauge("qlora_server_kv_cache_blocks",
+                                     "Blocks of the paged KV cache held by requests (used) and free.", ["state"],
+                                     registry=r)
+        self.startup_seconds = Gauge("qlora_server_startup_seconds",
+                                     "Start-up wall time by phase: load (weights + quantization), capture (CUDA "
+                                     "graphs and their self-check).", ["phase"], registry=r)
         # Training
         self.training_jobs = Gauge("qlora_server_training_jobs", "Training jobs by state.", ["state"], registry=r)
         self.training_step = Gauge("qlora_server_training_step",

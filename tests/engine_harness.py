@@ -12,7 +12,7 @@ from server.adapters.types import BaseModelSpec
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.metrics import Metrics
-from server.model.lora import attach_router
+from server.model.runner import build_runner
 from tests.tiny import TINY_NAME, load_nf4
 from tests.tiny_tokenizer import byte_tokenizer
 
@@ -29,13 +29,14 @@ def build_engine(root: Path, base_dir: Path, sources: dict[str, Path], *, start:
     """
     cfg = EngineConfig(**{"adapter_slots": 4, "max_lora_rank": 16, "cpu_adapter_cache": 4, **engine_kw})
     model = load_nf4(base_dir, compute_dtype)
-    router = attach_router(model, cfg.adapter_slots, cfg.max_lora_rank, torch.float32, cfg.max_batch_size)
+    runner = build_runner(model, cfg, torch.float32, 128)
     store = AdapterStore(Path(root) / "store", BaseModelSpec.from_model(model, TINY_NAME, cfg.max_lora_rank))
     for name, src in sources.items():
         store.register(name, src)
     metrics = Metrics()
-    engine = Engine(model, tokenizer or byte_tokenizer(), router, AdapterCache(store, router, cfg.cpu_adapter_cache, metrics),
-                    cfg, metrics, max_total_tokens=128, request_log=request_log)
+    engine = Engine(model, tokenizer or byte_tokenizer(), runner,
+                    AdapterCache(store, runner.banks, cfg.cpu_adapter_cache, metrics), cfg, metrics,
+                    max_total_tokens=128, request_log=request_log)
     if start:
         engine.start()
     return engine, store, metrics

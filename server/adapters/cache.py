@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from server.adapters.types import LoadedAdapter
 from server.errors import NotFound, ServerError
 from server.metrics import Metrics
-from server.model.lora import LoraRouter
+from server.model.lora import LoraBanks
 
 log = logging.getLogger(__name__)
 
@@ -27,35 +27,35 @@ Key = tuple[str, int]  # (adapter_id, the store's registration version)
 
 
 class AdapterCache:
-    """Maps adapters to accelerator slots of a :class:`LoraRouter`.
+    """Maps adapters to accelerator slots of the :class:`~server.model.lora.LoraBanks`.
 
     Only the engine thread calls :meth:`acquire` and :meth:`release`; :meth:`residency` and store events may come
     from any thread.
 
     Args:
         store: the :class:`~server.adapters.store.AdapterStore` (``get``, ``load``, ``subscribe``).
-        router: owns the slots (``router.slots`` of them).
+        banks: owns the slots (``banks.slots`` of them).
         host_capacity: adapters kept in host memory.
         metrics: where hits / misses / loads / evictions / load latency are counted.
     """
 
-    def __init__(self, store, router: LoraRouter, host_capacity: int, metrics: Metrics) -> None:
+    def __init__(self, store, banks: LoraBanks, host_capacity: int, metrics: Metrics) -> None:
         self.store = store
-        self.router = router
+        self.banks = banks
         self.metrics = metrics
         self.host_capacity = host_capacity
         self._lock = threading.Lock()
         self._host: OrderedDict[Key, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
         self._loading: dict[Key, Future] = {}
         self._failed: dict[Key, ServerError] = {}
-        self._slot_key: list[Key | None] = [None] * router.slots
-        self._slot_refs = [0] * router.slots
-        self._slot_used = [0.0] * router.slots  # last use, for LRU among unpinned slots
-        self._slot_stale = [False] * router.slots  # holds a replaced / unregistered adapter: never matched again
+        self._slot_key: list[Key | None] = [None] * banks.slots
+        self._slot_refs = [0] * banks.slots
+        self._slot_used = [0.0] * banks.slots  # last use, for LRU among unpinned slots
+        self._slot_stale = [False] * banks.slots  # holds a replaced / unregistered adapter: never matched again
         self._disk_loaded: set[Key] = set()  # loaded from disk after a cpu miss, not yet promoted to a slot
         self._generation: dict[str, int] = {}  # bumped on replace / unregister; a load started before is dropped
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
-        metrics.adapter_slot_capacity.set(router.slots)
+        metrics.adapter_slot_capacity.set(banks.slots)
         if hasattr(store, "subscribe"):
             store.subscribe(self._on_store_event)
 
@@ -140,7 +140,7 @@ class AdapterCache:
             self._pin(slot)  # nobody else may take it while it is being written
         start = time.perf_counter()
         try:
-            self.router.load(slot, adapter)  # engine thread, between steps: no row reads the slot now
+            self.banks.load(slot, adapter)  # engine thread, between steps: no row reads the slot now
         except BaseException:
             with self._lock:
                 self._slot_refs[slot] -= 1
@@ -166,7 +166,7 @@ class AdapterCache:
                 self._slot_stale[slot] = False
                 self.metrics.adapter_evictions.labels("gpu").inc()
         if clear:
-            self.router.clear(slot)  # free the memory's contents; the bank itself is preallocated
+            self.banks.clear(slot)  # free the memory's contents; the bank itself is preallocated
             self._update_gauges()
 
     def close(self) -> None:

@@ -112,14 +112,10 @@ class BaseModelSpec:
 
     @classmethod
     def from_model(cls, model, name: str, max_rank: int) -> "BaseModelSpec":
-        """Build from a loaded model (before or after :func:`server.model.lora.attach_router`)."""
-        from server.model.lora import RoutedLoraLinear, routable_modules
+        """Build from a loaded model: every routable linear layer (:func:`server.model.lora.routable_modules`)."""
+        from server.model.lora import routable_modules
 
-        wrapped = {n: m for n, m in model.named_modules() if isinstance(m, RoutedLoraLinear)}
-        shapes = {n: (m.in_features, m.out_features) for n, m in wrapped.items()}
-        for module_name, module in routable_modules(model).items():
-            if not any(module_name.startswith(w + ".") for w in wrapped):
-                shapes[module_name] = (int(module.in_features), int(module.out_features))
-        others = frozenset(n for n, _ in model.named_modules()
-                           if n and n not in shapes and not any(n.startswith(w + ".") for w in wrapped))
+        shapes = {n: (int(m.in_features), int(m.out_features)) for n, m in routable_modules(model).items()}
+        inside = tuple(n + "." for n in shapes)  # a wrapped layer's children (PEFT, bitsandbytes) are not targets
+        others = frozenset(n for n, _ in model.named_modules() if n and n not in shapes and not n.startswith(inside))
         return cls(name=name, linear_shapes=shapes, other_modules=others, max_rank=max_rank)

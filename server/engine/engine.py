@@ -1,19 +1,22 @@
-"""The continuous-batching engine: a queue of requests, one step loop thread, per-row adapters and streaming.
+"""The continuous-batching engine: a request queue, one step-loop thread, per-row adapters and streaming.
 
-Each loop iteration (1) retires cancelled / timed-out requests, (2) admits waiting requests whose adapter is
-in an accelerator slot (a cold adapter loads in the background while others go ahead), prefilling each one and
-concatenating it into the running batch, then (3) runs ONE decode forward pass for every running row with each
-row routed to its own adapter, samples per row and streams the new text. Finished rows leave the batch before
-the next step. Nothing here touches protobuf; the model is anything with the transformers causal-LM call
-signature, so tests can drive it with tiny models.
+Each loop iteration (1) retires cancelled / timed-out requests, (2) admits waiting requests whose adapter is in an
+accelerator slot and whose KV blocks fit (a cold adapter loads in the background while others go ahead; blocks for
+the whole request are reserved up front, :mod:`server.engine.scheduler`), (3) prefills one chunk of admitted
+prompts under a token budget (a finished prompt samples its first token and joins the decode batch), then (4) runs
+ONE decode step for every running row — each row routed to its own adapter, its keys and values in its own blocks
+of the paged KV cache — samples all rows on the device in one batch and streams the new text. Finished rows free
+their blocks at once; nobody else's cache moves. Nothing here touches protobuf or tensors: the model runner
+(:mod:`server.model.runner`) takes plain rows and returns logits, the sampler (:mod:`server.model.sampling`)
+returns token ids, and each request's :class:`~server.engine.output.OutputProcessor` turns ids into text.
 
 Failure invariant: every request :meth:`Engine.submit` accepted gets exactly one terminal event, whatever fails.
-A failure ends only the requests it touched: a slot acquisition that raises ends that request; a prefill that
-raises ends the requests it was admitting (the running batch goes on); a row whose sampling or text handling
-fails ends alone; a decode forward pass that raises ends the running batch (its KV cache is no longer
-consistent), waiting requests go on. Ending a request releases its adapter slot pin and its request id. After
-:meth:`Engine.stop`, or if the loop thread dies, every request still in flight ends and :meth:`Engine.submit`
-refuses new ones with UNAVAILABLE.
+A failure ends only the requests it touched: a slot acquisition that raises ends that request; a prefill step that
+raises ends the requests in that step (the running batch goes on: their blocks were not touched); a row whose
+sampling or text handling fails ends alone; a decode step that raises ends the running batch, waiting requests go
+on. Ending a request releases its adapter slot pin, its KV blocks and its request id. After :meth:`Engine.stop`,
+or if the loop thread dies, every request still in flight ends and :meth:`Engine.submit` refuses new ones with
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -26,11 +29,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from server.config import EngineConfig
-from server.engine import batch as kv
-from server.engine.sampling import make_generator, select_tokens
+from server.engine.output import OutputProcessor
+from server.engine.scheduler import BlockAllocator, blocks_needed, plan_chunks
 from server.engine.types import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -50,7 +51,8 @@ from server.errors import (
 )
 from server.logs import RequestLog
 from server.metrics import Metrics
-from server.model.lora import LoraRouter
+from server.model.runner import ModelRunner, StepRow
+from server.model.sampling import NonFiniteLogits, request_seed, select_tokens
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +103,19 @@ class _Sequence:
     prompt_ids: list[int]
     arrival: float
     label: str
+    seed: int
+    output: OutputProcessor
     generated: list[int] = field(default_factory=list)
     slot: int = -1
-    generator: torch.Generator | None = None
+    blocks: list[int] = field(default_factory=list)  # KV blocks reserved for the whole request
+    computed: int = 0  # prompt tokens already in the KV cache (chunked prefill)
     stop_ids: frozenset[int] = frozenset()
-    # (token index, visible-text offset, rendering) of each generated special token that decoding hides
-    specials: list[tuple[int, int, str]] = field(default_factory=list)
-    emitted_chars: int = 0
     emitted_tokens: int = 0
     prefill_start: float = 0.0
     first_token: float = 0.0
     cancelled: bool = False
     cancel_error: ServerError | None = None
+    scrub: bool = False  # its logits went non-finite: zero its blocks before they are reused
     done: bool = False
 
 
@@ -120,21 +123,23 @@ class Engine:
     """Adapter-aware continuous batching over one base model.
 
     Args:
-        model: causal LM whose linear layers are routed by ``router``.
+        model: the causal LM (its ``generation_config`` names the EOS tokens).
         tokenizer: its tokenizer (chat template used for ``messages``).
-        router: the model's :class:`LoraRouter`.
-        adapter_cache: :class:`~server.adapters.cache.AdapterCache` over the router's slots.
+        runner: the model runner over the model's paged KV cache and LoRA banks.
+        adapter_cache: :class:`~server.adapters.cache.AdapterCache` over the banks' slots.
         config: limits (batch size, queue, tokens).
         metrics: where latency / token / batch metrics go.
         max_total_tokens: prompt + generated tokens allowed per row (the model's context length).
         request_log: writes one log line per finished request (default: without prompt text).
     """
 
-    def __init__(self, model, tokenizer, router: LoraRouter, adapter_cache, config: EngineConfig,
+    def __init__(self, model, tokenizer, runner: ModelRunner, adapter_cache, config: EngineConfig,
                  metrics: Metrics, max_total_tokens: int, request_log: RequestLog | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.router = router
+        self.runner = runner
+        self.allocator = BlockAllocator(runner.pool.num_blocks)
+        self.block_size = runner.pool.block_size
         self.cache = adapter_cache
         self.config = config
         self.metrics = metrics
@@ -146,9 +151,8 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._by_id: dict[str, _Sequence] = {}
-        self._running: list[_Sequence] = []
-        self._state: kv.BatchState | None = None
-        self._next_ids: list[int] = []
+        self._prefilling: list[_Sequence] = []  # admitted (blocks and slot held), prompt not fully in the cache
+        self._running: list[_Sequence] = []  # decoding
         self._ids = itertools.count()
         self._stop = False
         self._dead = False
@@ -228,7 +232,8 @@ class Engine:
         Raises:
             InvalidArgument: bad sampling field, neither or both of prompt / messages, duplicate request id.
             NotFound: ``adapter_id`` is not registered (field ``adapter_id``).
-            ResourceExhausted: the queue is full, or the prompt leaves no room to generate.
+            ResourceExhausted: the queue is full, the prompt leaves no room to generate, or the request needs more
+                KV cache blocks than the whole cache holds (field ``max_new_tokens``).
             Unavailable: the engine was stopped or its loop thread died.
         """
         if not self.alive:
@@ -238,12 +243,19 @@ class Engine:
         if len(prompt_ids) >= self.max_total_tokens:
             raise ResourceExhausted(f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_total_tokens - 1}",
                                     field="prompt")
+        tokens = min(len(prompt_ids) + request.params.max_new_tokens, self.max_total_tokens)
+        if blocks_needed(tokens, self.block_size) > self.allocator.capacity:
+            raise ResourceExhausted(
+                f"prompt + max_new_tokens need {tokens} tokens of KV cache; the whole cache holds "
+                f"{self.allocator.capacity * self.block_size} (raise --kv-cache-bytes or lower max_new_tokens)",
+                field="max_new_tokens")
         if request.adapter_id:
             self.cache.current_key(request.adapter_id)  # NotFound now, not after queueing
         request_id = request.request_id or f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self)
         seq = _Sequence(request=request, stream=stream, prompt_ids=prompt_ids, arrival=time.monotonic(),
-                        label=self.metrics.adapter_label(request.adapter_id),
+                        label=self.metrics.adapter_label(request.adapter_id), seed=request_seed(request.params),
+                        output=OutputProcessor(self.tokenizer, request.params.stop, self._hidden_specials),
                         stop_ids=self._stop_token_ids(request.params.stop))
         with self._lock:
             if not self.alive:  # checked again under the lock: stop() / death and this submit cannot interleave
@@ -282,9 +294,9 @@ class Engine:
                 self._lock.notify_all()
 
     def counts(self) -> tuple[int, int]:
-        """``(running, waiting)`` request counts."""
+        """``(running, waiting)`` request counts; admitted requests still prefilling count as running."""
         with self._lock:
-            return len(self._running), len(self._waiting)
+            return len(self._running) + len(self._prefilling), len(self._waiting)
 
     # --- tokenization -----------------------------------------------------------------------------------
     def _tokenize(self, request: GenerationRequest) -> list[int]:
@@ -311,7 +323,8 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not self._stop and not self._running and not self._has_admissible():
+                    while (not self._stop and not self._running and not self._prefilling
+                           and not self._has_admissible()):
                         self._lock.wait(timeout=0.05)
                     if self._stop:
                         break
@@ -333,18 +346,20 @@ class Engine:
                 self._shutdown(Cancelled("server shutting down"))
 
     def _step(self) -> None:
-        """One iteration: retire, admit (prefill), decode. Raises only for failures that touch the running batch."""
+        """One iteration: retire, admit, prefill one chunk, decode. Raises only for failures that touch the running
+        batch."""
         self._retire_waiting()
-        self._retire_running()
-        admitted = self._admit()
+        self._retire_active()
+        self._admit()
+        prefilled = self._prefill_step() if self._prefilling else False
         if self._running:
             self._decode_step()
-        elif not admitted:
-            with self._lock:  # only cold adapters are waiting: don't spin while they load
+        elif not prefilled:
+            with self._lock:  # only cold adapters (or blocks) are awaited: don't spin
                 self._lock.wait(timeout=0.005)
 
     def _has_admissible(self) -> bool:
-        return bool(self._waiting) and len(self._running) < self.config.max_batch_size
+        return bool(self._waiting) and len(self._running) + len(self._prefilling) < self.config.max_batch_size
 
     def _expired(self, seq: _Sequence, now: float) -> ServerError | None:
         deadline = seq.request.deadline
@@ -364,27 +379,34 @@ class Engine:
         for seq, error in gone:
             self._end(seq, error=error)
 
-    def _retire_running(self) -> None:
+    def _retire_active(self) -> None:
         now = time.monotonic()
-        gone = [(s, e) for s in self._running if (e := self._expired(s, now)) is not None]
+        gone = [(s, e) for s in [*self._prefilling, *self._running] if (e := self._expired(s, now)) is not None]
         for seq, error in gone:
             self._end(seq, error=error)
         if gone:
             self._drop_finished()
 
-    def _admit(self) -> int:
-        """Prefill, in one forward pass, up to ``prefill_chunk`` waiting requests whose adapter is resident,
-        oldest first, and join them to the running batch. Returns how many left the queue.
+    def _blocks_for(self, seq: _Sequence) -> int:
+        """KV blocks ``seq`` can ever need: its prompt plus every token it may generate, within the context."""
+        tokens = min(len(seq.prompt_ids) + seq.request.params.max_new_tokens, self.max_total_tokens)
+        return blocks_needed(tokens, self.block_size)
 
-        A request whose slot acquisition raises ends alone; a failed prefill ends the requests it was admitting
-        and leaves the running batch as it was. Raises only when joining the new rows to the running batch's KV
-        cache fails (then the running batch is touched too)."""
+    def _admit(self) -> None:
+        """Move waiting requests, oldest first, to the prefill list while there is room in the batch, their KV
+        blocks fit and their adapter is in a slot. A cold adapter's request lets later ones go ahead; a request
+        whose blocks do not fit stops admission (it is not starved by smaller ones behind it).
+
+        A request whose slot acquisition raises ends alone."""
         with self._lock:
             candidates = list(self._waiting)
-        room = min(self.config.prefill_chunk, self.config.max_batch_size - len(self._running))
-        chosen: list[_Sequence] = []
+        room = self.config.max_batch_size - len(self._running) - len(self._prefilling)
+        admitted: list[_Sequence] = []
         for seq in candidates:
-            if len(chosen) >= room:
+            if room <= 0:
+                break
+            need = self._blocks_for(seq)
+            if need > self.allocator.free:
                 break
             slot = -1
             if seq.request.adapter_id:
@@ -401,62 +423,88 @@ class Engine:
                 if slot is None:
                     continue  # loading in the background or all slots pinned: let others go ahead
             seq.slot = slot
-            chosen.append(seq)
-        if not chosen:
-            return 0
+            seq.blocks = self.allocator.allocate(need)
+            admitted.append(seq)
+            room -= 1
+        if not admitted:
+            return
+        now = time.monotonic()
         with self._lock:
-            for seq in chosen:
+            for seq in admitted:
                 self._waiting.remove(seq)
             self.metrics.waiting.set(len(self._waiting))
+        for seq in admitted:
+            seq.prefill_start = now
+            self.metrics.queue_wait.observe(now - seq.arrival)
+            self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))
+        self._prefilling.extend(admitted)
+        self._update_kv_gauges()
+
+    def _prefill_step(self) -> bool:
+        """Prefill the next chunk of the oldest admitted prompts (one forward pass under the token budget); a
+        prompt whose last chunk ran samples its first token and joins the decode batch. A failure ends the requests
+        in this step only. Returns True (a step ran)."""
+        chunks = plan_chunks([len(s.prompt_ids) - s.computed for s in self._prefilling],
+                             self.config.prefill_tokens, self.config.prefill_chunk)
+        batch = self._prefilling[:len(chunks)]
+        rows = [StepRow(tuple(s.prompt_ids[s.computed:s.computed + c]), s.computed, tuple(s.blocks), s.slot)
+                for s, c in zip(batch, chunks)]
+        complete = [s.computed + c == len(s.prompt_ids) for s, c in zip(batch, chunks)]
+        start = time.monotonic()
         try:
-            state, tokens = self._prefill(chosen)
-        except Exception as exc:  # noqa: BLE001 - ends the requests this prefill touched, not the running batch
+            logits = self.runner.prefill(rows)
+            ready = [s for s, done in zip(batch, complete) if done]
+            tokens = self._sample(logits[[i for i, done in enumerate(complete) if done]], ready) if ready else []
+        except Exception as exc:  # noqa: BLE001 - ends the requests this step touched, not the running batch
             log.exception("prefill failed")
             error = ServerError(f"prefill failed: {type(exc).__name__}: {exc}")
-            for seq in chosen:
+            for seq in batch:
                 self._end(seq, error=error)
-            return len(chosen)
-        self._state = kv.concatenate(self._state, state)
-        self._running.extend(chosen)
-        self._next_ids.extend(t if isinstance(t, int) else 0 for t in tokens)
-        self._accept_all(chosen, tokens)
-        self._drop_finished()
-        return len(chosen)
-
-    def _prefill(self, seqs: list[_Sequence]) -> tuple[kv.BatchState, list[int | ServerError]]:
-        """Prefill ``seqs`` into a new batch state (the running batch is not touched) and sample their first
-        tokens. Returns the state and one token (or row error) per sequence."""
-        start = time.monotonic()
-        for seq in seqs:
-            seq.prefill_start = start
-            self.metrics.queue_wait.observe(start - seq.arrival)
-            seq.generator = make_generator(seq.request.params, self.model.device)
-            self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))
-        self.router.set_rows([s.slot for s in seqs])
-        state, logits = kv.prefill(self.model, [s.prompt_ids for s in seqs])
-        tokens = select_tokens(logits, [s.request.params for s in seqs], [s.prompt_ids + s.generated for s in seqs],
-                               [s.generator for s in seqs])
+            self._drop_finished()
+            return True
+        for seq, c in zip(batch, chunks):
+            seq.computed += c
         self.metrics.step_latency.labels("prefill").observe(time.monotonic() - start)
-        return state, tokens
+        ready_ids = {id(s) for s in ready}
+        self._prefilling = [s for s in self._prefilling if id(s) not in ready_ids]
+        self._running.extend(ready)
+        self._accept_all(ready, tokens)
+        self._drop_finished()
+        return True
 
     def _decode_step(self) -> None:
-        start = time.monotonic()
+        """One decode step for every running row; a failure ends the running rows (their caches are suspect), not
+        the queue or the prompts being prefilled."""
         rows = self._running
-        self.router.set_rows([s.slot for s in rows])
-        logits = kv.decode(self.model, self._state, self._next_ids)
-        tokens = select_tokens(logits, [s.request.params for s in rows], [s.prompt_ids + s.generated for s in rows],
-                               [s.generator for s in rows])
+        start = time.monotonic()
+        try:
+            steps = [StepRow((s.generated[-1],), len(s.prompt_ids) + len(s.generated) - 1, tuple(s.blocks), s.slot)
+                     for s in rows]
+            tokens = self._sample(self.runner.decode(steps), rows)
+        except Exception as exc:  # noqa: BLE001 - ends the running batch only
+            log.exception("decode step failed")
+            error = ServerError(f"decode failed: {type(exc).__name__}: {exc}")
+            for seq in rows:
+                self._end(seq, error=error)
+            self._drop_finished()
+            return
         self.metrics.step_latency.labels("decode").observe(time.monotonic() - start)
         self.metrics.batch_size.observe(len(rows))
-        self._next_ids = [t if isinstance(t, int) else 0 for t in tokens]
         self._accept_all(rows, tokens)
         self._drop_finished()
+
+    def _sample(self, logits, seqs: list[_Sequence]) -> list[int | ServerError]:
+        """One token (or the row's error) per sequence: batched on the logits' device, one host sync."""
+        params = [s.request.params for s in seqs]
+        seen = [s.prompt_ids + s.generated if s.request.params.repetition_penalty != 1.0 else [] for s in seqs]
+        return select_tokens(logits, params, seen, [s.seed for s in seqs], [len(s.generated) for s in seqs])
 
     def _accept_all(self, seqs: list[_Sequence], tokens: list[int | ServerError]) -> None:
         """Accept each row's token; a row whose sampling or text handling failed ends alone."""
         for seq, token in zip(seqs, tokens):
             if isinstance(token, ServerError):
                 log.error("request %s: %s", seq.stream.request_id, token)
+                seq.scrub = isinstance(token, NonFiniteLogits)
                 self._end(seq, error=token)
                 continue
             try:
@@ -474,58 +522,33 @@ class Engine:
         if token in seq.stop_ids:  # a stop string that is exactly one (special) token's text
             # Like EOS, a token that ends the request by its id is not part of the output (nor counted in
             # completion_tokens): the same generation reports the same count whether it ended on EOS or on a stop.
-            self._emit_text(seq, final=True)
+            self._emit(seq, seq.output.finish())
             self._end(seq, reason=FINISH_STOP)
             return
-        if token in self.eos_ids:
-            self._emit_text(seq, final=True)
+        if token in self.eos_ids and not seq.request.params.ignore_eos:
+            self._emit(seq, seq.output.finish())
             self._end(seq, reason=FINISH_EOS)
             return
-        if token in self._hidden_specials:  # remember where it sits, so stop strings can see it
-            offset = len(self.tokenizer.decode(seq.generated, skip_special_tokens=True))
-            seq.specials.append((len(seq.generated), offset, self._hidden_specials[token]))
         seq.generated.append(token)
         self.metrics.generated_tokens.labels(seq.label).inc()
-        if self._emit_text(seq, final=False):
+        text, stopped = seq.output.push(token)
+        self._emit(seq, text)
+        if stopped:
             self._end(seq, reason=FINISH_STOP)
         elif (len(seq.generated) >= seq.request.params.max_new_tokens
               or len(seq.prompt_ids) + len(seq.generated) >= self.max_total_tokens):
-            self._emit_text(seq, final=True)
+            self._emit(seq, seq.output.finish())
             self._end(seq, reason=FINISH_LENGTH)
 
-    def _emit_text(self, seq: _Sequence, final: bool) -> bool:
-        """Stream text not yet sent. Holds back a tail that may be the start of a stop string or an incomplete
-        UTF-8 character. Returns True when a stop string appeared (the text is cut before it).
-
-        The returned text omits special tokens (``skip_special_tokens=True``), but stop strings are matched
-        against the text with the hidden special tokens' renderings put back where they were generated."""
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        match, spans = _with_specials(text, seq.specials)
-        stops = seq.request.params.stop
-        hit = min((i for i in (match.find(s) for s in stops) if i >= 0), default=-1)
-        if hit >= 0:
-            text, final = text[:_visible_index(hit, spans)], True
-        end = len(text)
-        if not final:
-            mend = len(match)
-            if match.endswith("\ufffd"):
-                mend -= 1
-            for s in stops:  # keep back the longest suffix that is a prefix of a stop string
-                for k in range(min(len(s) - 1, mend), 0, -1):
-                    if match[:mend].endswith(s[:k]):
-                        mend -= k
-                        break
-            end = min(end, _visible_index(mend, spans))
-        if end > seq.emitted_chars:
-            delta = text[seq.emitted_chars:end]
-            seq.emitted_chars = end
-            seq.stream._events.put(GenerationEvent(seq.stream.request_id, text=delta,
+    def _emit(self, seq: _Sequence, text: str) -> None:
+        """Stream ``text`` (if any) with the token ids generated since the previous event."""
+        if text:
+            seq.stream._events.put(GenerationEvent(seq.stream.request_id, text=text,
                                                    token_ids=tuple(seq.generated[seq.emitted_tokens:])))
             seq.emitted_tokens = len(seq.generated)
-        return hit >= 0
 
     def _end(self, seq: _Sequence, reason: str | None = None, error: ServerError | None = None) -> None:
-        """Finish ``seq`` once: release its id and slot pin, record metrics and the request log line, and put its
+        """Finish ``seq`` once: release its id, KV blocks and slot pin, record metrics and the request log line, and put its
         final event. The final event is put whatever fails here (a failure while finishing is logged, and a
         finished answer is still delivered). The caller drops the row from the batch."""
         with self._lock:  # atomic: two threads ending one request (stop() and the loop) give one final event
@@ -537,6 +560,11 @@ class Engine:
         event = None
         try:
             event = self._final_event(seq, reason, error, now)
+            if seq.blocks:
+                blocks, seq.blocks = seq.blocks, []
+                if seq.scrub:
+                    self.runner.scrub(blocks)
+                self.allocator.release(blocks)
             if seq.slot >= 0:
                 slot, seq.slot = seq.slot, -1
                 self.cache.release(slot)
@@ -591,17 +619,19 @@ class Engine:
                                   total_seconds=timings.total_seconds)
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if not s.done]
-        if len(keep) != len(self._running):
-            self._state = kv.filter_rows(self._state, keep)
-            self._running = [self._running[i] for i in keep]
-            self._next_ids = [self._next_ids[i] for i in keep]
+        """Forget finished rows (their blocks were freed when they ended: nobody else's cache moves)."""
+        self._running = [s for s in self._running if not s.done]
+        self._prefilling = [s for s in self._prefilling if not s.done]
         self.metrics.running.set(len(self._running))
-        self.metrics.component_bytes.labels("kv_cache").set(self._state.nbytes() if self._state else 0)
+        self._update_kv_gauges()
+
+    def _update_kv_gauges(self) -> None:
+        self.metrics.kv_cache_blocks.labels("used").set(self.allocator.capacity - self.allocator.free)
+        self.metrics.kv_cache_blocks.labels("free").set(self.allocator.free)
 
     def _fail_in_flight(self, error: ServerError) -> None:
-        """End every request the failed step touched: the running batch and any request being admitted (out of
-        the queue, not yet running). Waiting requests are untouched."""
+        """End every request the failed step touched: the running batch and every admitted request (out of the
+        queue, prefilling). Waiting requests are untouched."""
         self._end_all(error, waiting_too=False)
 
     def _shutdown(self, error: ServerError) -> None:
@@ -609,20 +639,20 @@ class Engine:
         self._end_all(error, waiting_too=True)
 
     def _end_all(self, error: ServerError, waiting_too: bool) -> None:
-        """End the running batch and the requests being admitted with ``error`` — the waiting queue too when
-        ``waiting_too`` — and drop the batch's KV cache."""
+        """End the running batch and the admitted requests with ``error`` — the waiting queue too when
+        ``waiting_too`` — freeing their KV blocks."""
         with self._lock:
             if waiting_too:
                 self._waiting = deque()
             waiting = {id(s) for s in self._waiting}
             touched = [s for s in self._by_id.values() if id(s) not in waiting]
-        for seq in [*self._running, *touched]:
+        for seq in [*self._running, *self._prefilling, *touched]:
             self._end(seq, error=error)
-        self._running, self._next_ids, self._state = [], [], None
+        self._running, self._prefilling = [], []
         self.metrics.running.set(0)
         if waiting_too:
             self.metrics.waiting.set(0)
-        self.metrics.component_bytes.labels("kv_cache").set(0)
+        self._update_kv_gauges()
 
     def _notify_failure(self) -> None:
         with self._lock:
@@ -633,36 +663,3 @@ class Engine:
             except Exception:  # noqa: BLE001 - every listener gets its call
                 log.exception("engine failure listener failed")
 
-
-def _with_specials(text: str, specials: list[tuple[int, int, str]]) -> tuple[str, list[tuple[int, int, int]]]:
-    """``text`` (special tokens skipped) with each hidden special token's rendering put back at its offset.
-
-    Returns ``(match_text, spans)``; each span is ``(start, end, visible_offset)``: where a rendering sits in
-    ``match_text`` and the offset in ``text`` it was inserted at."""
-    if not specials:
-        return text, []
-    parts: list[str] = []
-    spans: list[tuple[int, int, int]] = []
-    prev = length = 0
-    for _, offset, shown in specials:
-        offset = min(max(offset, prev), len(text))
-        parts.append(text[prev:offset])
-        length += offset - prev
-        spans.append((length, length + len(shown), offset))
-        parts.append(shown)
-        length += len(shown)
-        prev = offset
-    parts.append(text[prev:])
-    return "".join(parts), spans
-
-
-def _visible_index(i: int, spans: list[tuple[int, int, int]]) -> int:
-    """Map index ``i`` of the match text to the visible text (an index inside a rendering maps to its start)."""
-    shift = 0
-    for start, end, offset in spans:
-        if i <= start:
-            break
-        if i < end:
-            return offset
-        shift += end - start
-    return i - shift

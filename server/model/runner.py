@@ -1,0 +1,219 @@
+"""The model runner: turns a step plan (plain rows) into device tensors, runs the forward pass, returns logits.
+
+It owns the KV pool, the LoRA banks' forward and, on CUDA, the captured decode graphs (:mod:`server.model.graphs`).
+The engine layer hands it plain Python rows (:class:`StepRow`) and never sees a tensor except the logits it passes
+on to the sampler.
+
+Host → device traffic per step is ONE int64 array per step: each row is packed as
+
+    [input ids (T) | positions (T) | write rows (T) | context_len | lora slot | last index | block table (nb)]
+
+and copied in one transfer (a decode step on CUDA copies it straight into the captured graph's input buffer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from server.model.forward import DecoderForward, StepInputs
+from server.model.kv_cache import KVPool
+from server.model.lora import LoraBanks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One sequence's part of a step.
+
+    Attributes:
+        tokens: ids to feed (one for decode; a prompt chunk for prefill).
+        start: position of ``tokens[0]`` in the sequence (= tokens already in the KV cache).
+        blocks: the sequence's block table (ids); it must cover positions ``0 … start + len(tokens) - 1``.
+        slot: LoRA slot, or -1 for the base model alone.
+    """
+
+    tokens: tuple[int, ...]
+    start: int
+    blocks: tuple[int, ...]
+    slot: int = -1
+
+
+def pack_rows(rows: list[StepRow], n: int, t: int, nb: int, block_size: int, none_slot: int) -> np.ndarray:
+    """Pack ``rows`` into the ``[n, 3t + 3 + nb]`` int64 layout of the module docstring, padding to ``n`` rows of
+    ``t`` tokens and ``nb`` blocks. Padding tokens and padding rows write to and read from the scratch block only.
+
+    Raises:
+        ValueError: a row has more tokens than ``t``, more blocks than ``nb``, or its blocks do not cover its
+            tokens.
+    """
+    out = np.zeros((n, 3 * t + 3 + nb), dtype=np.int64)
+    out[:, 2 * t:3 * t] = np.arange(t) % block_size  # padding writes: distinct scratch rows
+    out[:, 3 * t] = 1  # a padding row's context is one (scratch) token
+    out[:, 3 * t + 1] = none_slot
+    for i, row in enumerate(rows):
+        k, end = len(row.tokens), row.start + len(row.tokens)
+        if k > t or len(row.blocks) > nb or math.ceil(end / block_size) > len(row.blocks):
+            raise ValueError(f"row {i}: {k} tokens from position {row.start} with {len(row.blocks)} blocks does "
+                             f"not fit t={t}, nb={nb}, block_size={block_size}")
+        positions = np.arange(row.start, end)
+        blocks = np.asarray(row.blocks, dtype=np.int64)
+        out[i, :k] = row.tokens
+        out[i, t:t + k] = positions
+        out[i, 2 * t:2 * t + k] = blocks[positions // block_size] * block_size + positions % block_size
+        out[i, 3 * t] = end
+        out[i, 3 * t + 1] = none_slot if row.slot < 0 else row.slot
+        out[i, 3 * t + 2] = k - 1
+        out[i, 3 * t + 3:3 * t + 3 + len(blocks)] = blocks
+    return out
+
+
+def unpack(buf: torch.Tensor, t: int, nb: int) -> StepInputs:
+    """Views of a packed ``[n, 3t + 3 + nb]`` device buffer as :class:`StepInputs` (no copies)."""
+    return StepInputs(input_ids=buf[:, :t], positions=buf[:, t:2 * t], write_rows=buf[:, 2 * t:3 * t],
+                      context_lens=buf[:, 3 * t], lora_slots=buf[:, 3 * t + 1], last_index=buf[:, 3 * t + 2],
+                      block_tables=buf[:, 3 * t + 3:3 * t + 3 + nb])
+
+
+class ModelRunner:
+    """Executes prefill and decode steps over the paged cache.
+
+    Args:
+        forward: the model's :class:`DecoderForward`.
+        pool: the KV pool.
+        banks: the LoRA banks (``none_slot`` routes a row to no adapter).
+        max_batch_size: most rows in a decode step.
+        max_blocks: most blocks one sequence holds (``ceil(max_total_tokens / block_size)``).
+        graphs: captured decode graphs (CUDA) or None for the eager path.
+    """
+
+    def __init__(self, forward: DecoderForward, pool: KVPool, banks: LoraBanks, max_batch_size: int,
+                 max_blocks: int, graphs=None) -> None:
+        self.forward = forward
+        self.pool = pool
+        self.banks = banks
+        self.max_batch_size = max_batch_size
+        self.max_blocks = max_blocks
+        self.graphs = graphs
+        self.device = pool.keys[0].device
+        self.graph_status = "on" if graphs is not None else "off"
+        self.capture_seconds = 0.0
+
+    @torch.inference_mode()
+    def eager(self, rows: list[StepRow], n: int | None = None, nb: int | None = None) -> torch.Tensor:
+        """Run ``rows`` eagerly (any T: prefill chunks, or decode without graphs).
+
+        Args:
+            rows: the step's rows (tokens of one row may be a prompt chunk).
+            n, nb: pad to this many rows / blocks (default: exactly the rows' needs).
+
+        Returns:
+            ``[len(rows), V]`` logits of each row's last token.
+        """
+        t = max(len(r.tokens) for r in rows)
+        nb = nb or max(len(r.blocks) for r in rows)
+        host = pack_rows(rows, n or len(rows), t, nb, self.pool.block_size, self.banks.none_slot)
+        buf = torch.from_numpy(host).to(self.device)
+        use_lora = any(r.slot >= 0 for r in rows)
+        return self.forward(unpack(buf, t, nb), self.pool, use_lora)[:len(rows)]
+
+    def prefill(self, rows: list[StepRow]) -> torch.Tensor:
+        """One prefill step: each row's prompt chunk (eager; rows padded to the longest chunk).
+
+        Returns:
+            ``[len(rows), V]`` logits of each row's last chunk token.
+        """
+        return self.eager(rows)
+
+    def decode(self, rows: list[StepRow]) -> torch.Tensor:
+        """One decode step (one token per row): replays a captured graph when one fits, else runs eagerly.
+
+        Returns:
+            ``[len(rows), V]`` logits (a view of the graph's output buffer: read it before the next step).
+        """
+        if self.graphs is not None:
+            logits = self.graphs.replay(rows)
+            if logits is not None:
+                return logits
+        return self.eager(rows)
+
+    @torch.inference_mode()
+    def scrub(self, blocks: list[int]) -> None:
+        """Zero ``blocks`` in every layer: used before freeing the blocks of a sequence whose logits went
+        non-finite, so a NaN never lingers in a block a later sequence reads (masked, but 0 · NaN = NaN)."""
+        if not blocks:
+            return
+        rows = self.pool.token_rows(torch.tensor([blocks], dtype=torch.long, device=self.device)).reshape(-1)
+        for keys, values in zip(self.pool.keys, self.pool.values):
+            keys.index_fill_(0, rows, 0)
+            values.index_fill_(0, rows, 0)
+
+
+
+def kv_cache_budget(requested: int, device: torch.device, per_token: int, max_batch_size: int,
+                    max_total_tokens: int) -> int:
+    """Bytes for the KV pool: ``requested`` when set, else enough for ``max_batch_size`` rows of
+    ``max_total_tokens`` tokens, capped at half the free accelerator memory (CUDA) or 1 GiB (CPU)."""
+    if requested:
+        return requested
+    full = max_batch_size * max_total_tokens * per_token
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(full, free // 2)
+    return min(full, 1 << 30)
+
+
+def build_runner(model, config, lora_dtype: torch.dtype, max_total_tokens: int) -> ModelRunner:
+    """Attach the LoRA banks and KV pool to ``model`` and, on CUDA with ``config.cuda_graphs``, capture and
+    self-check the decode graphs (graphs stay off, with a logged error, when replay differs from eager).
+
+    Args:
+        model: a supported transformers causal LM (see :func:`server.model.forward.check_supported`).
+        config: the :class:`~server.config.EngineConfig` (slots, rank, batch, KV cache and graph settings).
+        lora_dtype: dtype of the LoRA banks.
+        max_total_tokens: prompt + generated tokens per row (tokens).
+
+    Returns:
+        The runner; ``runner.graph_status`` says ``"on"``, ``"off"`` (CPU or disabled) or why they are off,
+        ``runner.capture_seconds`` the capture + self-check wall time (seconds).
+
+    Raises:
+        FailedPrecondition: the model's architecture is not supported (field ``model``).
+    """
+    from server.model.kv_cache import blocks_for, bytes_per_token
+    from server.model.lora import routable_modules
+
+    device = next(model.parameters()).device
+    shapes = {name: (int(m.in_features), int(m.out_features)) for name, m in routable_modules(model).items()}
+    banks = LoraBanks(shapes, config.adapter_slots, config.max_lora_rank, lora_dtype, device)
+    forward = DecoderForward(model, banks)
+    dtype = forward.embed.weight.dtype
+    per_token = bytes_per_token(forward.layers, forward.kv_heads, forward.head_dim, dtype)
+    budget = kv_cache_budget(config.kv_cache_bytes, device, per_token, config.max_batch_size, max_total_tokens)
+    pool = KVPool(forward.layers, blocks_for(budget, config.kv_block_size, per_token), config.kv_block_size,
+                  forward.kv_heads, forward.head_dim, dtype, device)
+    max_blocks = min(math.ceil(max_total_tokens / config.kv_block_size), pool.num_blocks - 1)
+    runner = ModelRunner(forward, pool, banks, config.max_batch_size, max_blocks)
+    if device.type == "cuda" and config.cuda_graphs:
+        from server.model.graphs import SELF_CHECK_TOLERANCE, DecodeGraphs, self_check
+
+        start = time.perf_counter()
+        graphs = DecodeGraphs(forward, pool, banks, config.max_batch_size, max_blocks)
+        graphs.capture()
+        error = self_check(graphs, runner)
+        runner.capture_seconds = time.perf_counter() - start
+        if error <= SELF_CHECK_TOLERANCE:
+            runner.graphs, runner.graph_status = graphs, "on"
+            log.info("captured %d decode graphs in %.1f s (replay vs eager: max relative difference %.2g)",
+                     graphs.count, runner.capture_seconds, error)
+        else:
+            runner.graph_status = f"off: self-check failed (relative difference {error:.3g})"
+            log.error("CUDA graphs disabled: replayed logits differ from eager by %.3g (relative) > %.3g; serving "
+                      "eagerly", error, SELF_CHECK_TOLERANCE)
+    return runner
