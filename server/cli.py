@@ -115,6 +115,8 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
                    help="1 = disabled (default)")
     p.add_argument("--seed", type=int_in(0, UINT64_MAX), default=None, help="seed of the request's sampler")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past EOS until --max-new-tokens or a stop string (for benchmarks)")
     p.add_argument("--request-id", default="", help="request id (default: the server makes one)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(func=_cmd_generate)
@@ -442,7 +444,7 @@ def generation_request_from_args(args: argparse.Namespace):
         messages = ((ChatMessage("system", args.system),) if args.system else ()) + (ChatMessage("user", args.chat),)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop=tuple(args.stop))
+                            stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     return GenerationRequest(request_id=args.request_id, adapter_id=args.adapter, prompt=args.prompt,
                              messages=messages, params=params)
 

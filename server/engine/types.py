@@ -31,6 +31,8 @@ class SamplingParams:
         seed: seeds this request's own random generator, so a sampled answer is reproducible whatever else
             shares the batch; None draws a fresh seed; must be in 0 .. 2**64 - 1 (the proto's uint64).
         stop: strings that end generation when they appear in the output (they are not returned).
+        ignore_eos: generate until ``max_new_tokens`` (or a stop string / the context limit) even when the model
+            emits EOS, which then is an ordinary output token; for benchmarks that need fixed-length outputs.
     """
 
     max_new_tokens: int = 256
@@ -40,6 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Raise :class:`InvalidArgument` naming the first bad field."""

@@ -46,6 +46,7 @@ def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: in
     field (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``).
     """
     kwargs: dict = {"temperature": msg.temperature, "top_k": msg.top_k, "stop": tuple(msg.stop),
+                    "ignore_eos": msg.ignore_eos,
                     "max_new_tokens": min(SamplingParams.max_new_tokens, max_new_tokens_limit)}
     for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
         if msg.HasField(name):
@@ -149,7 +150,8 @@ def generate_request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
     p = req.params
     msg = pb.GenerateRequest(
         request_id=req.request_id, adapter_id=req.adapter_id, prompt=req.prompt or "",
-        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in req.messages], stop=list(p.stop))
+        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in req.messages], stop=list(p.stop),
+        ignore_eos=bool(p.ignore_eos))
     _set_field(msg, "temperature", p.temperature)
     _set_field(msg, "top_k", p.top_k)
     defaults = SamplingParams()

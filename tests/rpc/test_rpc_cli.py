@@ -60,6 +60,14 @@ def test_generate_stream_and_chat(address, app, capsys):
     assert app.engine.submitted[0].deadline is not None
 
 
+
+def test_generate_ignore_eos_flag_reaches_the_engine(address, app, capsys):
+    assert main(["generate", "--target", address, "--prompt", "a b", "--max-new-tokens", "8", "--ignore-eos"]) == 0
+    assert main(["generate", "--target", address, "--prompt", "a b"]) == 0
+    capsys.readouterr()
+    assert [r.params.ignore_eos for r in app.engine.submitted] == [True, False]
+    assert app.engine.submitted[0].params.max_new_tokens == 8
+
 def test_client_errors_print_code_and_exit_1(address, capsys):
     assert main(["generate", "--target", address, "--prompt", "x", "--adapter", "nope"]) == 1
     err = capsys.readouterr().err

@@ -93,6 +93,18 @@ def test_client_request_leaves_defaults_unset():
         seed=0, top_p=0.5))).seed == 0
 
 
+
+def test_ignore_eos_defaults_off_and_round_trips():
+    assert _convert(pb.GenerateRequest(prompt="p")).params.ignore_eos is False
+    assert _convert(pb.GenerateRequest(prompt="p", ignore_eos=True)).params.ignore_eos is True
+    req = GenerationRequest(request_id="r", prompt="p", params=SamplingParams(max_new_tokens=5, ignore_eos=True))
+    msg = convert.generate_request_to_proto(req)
+    assert msg.ignore_eos is True
+    wire = pb.GenerateRequest.FromString(msg.SerializeToString())
+    assert convert.generation_request_from_proto(wire, default_request_id="x", max_new_tokens_limit=LIMIT) == req
+    assert convert.generate_request_to_proto(GenerationRequest(request_id="", prompt="p")).ignore_eos is False
+
+
 TIMINGS = Timings(queue_seconds=0.5, ttft_seconds=1.0, total_seconds=3.0, tpot_seconds=0.25)
 
 
