@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.config import EngineConfig
-from server.engine.output import OutputProcessor
+from server.engine.output import OutputProcessor, added_vocab, detokenization_caveats, hidden_special_tokens
 from server.engine.scheduler import BlockAllocator, blocks_needed, plan_chunks
 from server.engine.types import (
     FINISH_EOS,
@@ -146,8 +146,10 @@ class Engine:
         self.request_log = request_log or RequestLog()
         self.max_total_tokens = config.max_total_tokens or max_total_tokens
         self.eos_ids = self._eos_ids(model, tokenizer)
-        self._hidden_specials = self._hidden_special_tokens(tokenizer)
-        self._added_tokens = self._added_vocab(tokenizer)
+        self._hidden_specials = hidden_special_tokens(tokenizer)
+        self._added_tokens = added_vocab(tokenizer)
+        for caveat in detokenization_caveats(tokenizer):
+            log.warning("streamed text: %s", caveat)
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._by_id: dict[str, _Sequence] = {}
@@ -169,30 +171,6 @@ class Engine:
             elif value:
                 ids.update(int(v) for v in value)
         return ids
-
-    @staticmethod
-    def _added_vocab(tokenizer) -> dict[str, int]:
-        """Added / special tokens' text → id (what a stop string naming one special token matches by id)."""
-        vocab: dict[str, int] = {}
-        get = getattr(tokenizer, "get_added_vocab", None)
-        if get is not None:
-            vocab.update({str(k): int(v) for k, v in get().items()})
-        for text, tid in zip(getattr(tokenizer, "all_special_tokens", ()), getattr(tokenizer, "all_special_ids", ())):
-            vocab.setdefault(str(text), int(tid))
-        return vocab
-
-    @classmethod
-    def _hidden_special_tokens(cls, tokenizer) -> dict[int, str]:
-        """Ids that ``decode(..., skip_special_tokens=True)`` drops → their rendered text (for stop matching)."""
-        hidden: dict[int, str] = {}
-        for tid in sorted(set(cls._added_vocab(tokenizer).values())):
-            try:
-                shown = tokenizer.decode([tid], skip_special_tokens=False)
-                if shown and not tokenizer.decode([tid], skip_special_tokens=True):
-                    hidden[tid] = shown
-            except Exception:  # noqa: BLE001 - an id the tokenizer cannot decode is simply not special text
-                continue
-        return hidden
 
     # --- public API (any thread) ------------------------------------------------------------------------
     def start(self) -> None:

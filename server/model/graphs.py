@@ -102,6 +102,7 @@ class DecodeGraphs:
         nb = _fit(self.block_counts, max(len(r.blocks) for r in rows))
         return None if b is None or nb is None else (b, nb)
 
+    @torch.inference_mode()
     def replay(self, rows: list[StepRow]) -> torch.Tensor | None:
         """Run one decode step (one token per row) by replaying its bucket's graph.
 
