@@ -367,7 +367,7 @@ def test_one_host_sync_per_batch(monkeypatch, params):
 
 # --- boundaries a random sweep rarely hits ----------------------------------------------------------------------
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(scores=st.lists(st.floats(-10, 10, allow_nan=False), min_size=2, max_size=10, unique=True), data=st.data())
 def test_top_p_exactly_on_a_cumulative_boundary_matches_transformers(scores, data):
     """transformers drops a token whose ascending cumulative mass is ``<= 1 - top_p``; pick ``top_p`` so that
@@ -376,8 +376,9 @@ def test_top_p_exactly_on_a_cumulative_boundary_matches_transformers(scores, dat
     shifted = row - row.max()
     cum = torch.softmax(torch.sort(shifted, dim=-1).values, dim=-1).cumsum(dim=-1)[0].tolist()
     c = data.draw(st.sampled_from(cum[:-1]))
-    top_p = 1 - c
-    assume(0 < top_p <= 1 and 1 - top_p == c)
+    exact = [t for t in (1 - c, math.nextafter(1 - c, 0), math.nextafter(1 - c, 2)) if 0 < t <= 1 and 1 - t == c]
+    assume(exact)
+    top_p = exact[0]
     p = SamplingParams(temperature=1.0, top_p=top_p)
     torch.testing.assert_close(probabilities(row, [p])[0], _oracle(row[0], p, []), rtol=0, atol=1e-9)
 
