@@ -176,7 +176,8 @@ def sampling_tensors(params: Sequence[SamplingParams], seen: Sequence[Sequence[i
     Args:
         params: B sampling settings.
         seen: the rows' prompt + generated ids for the repetition penalty: B lists, or a ``[B, L]`` integer tensor
-            padded with -1; None when no row has a penalty. Only rows with a penalty are copied from lists.
+            (ideally already on ``device``) where ids < 0 are padding; None when no row has a penalty. Only rows
+            with a penalty are copied from lists, and only their ids are checked (an id >= V fails the row).
         seeds: B uint64 seeds from :func:`request_seed`.
         steps: B counts of tokens each row has generated so far (0 for the token sampled right after prefill).
         device: where the logits live.
@@ -236,7 +237,8 @@ def _filtered(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, 
     x = torch.where(valid[:, None], x, 0.0)
     if st.seen is not None:
         ids = st.seen
-        status = torch.where((status == OK) & (ids >= v).any(dim=-1), BAD_SEEN_ID, status)
+        bad = (ids >= v).any(dim=-1) & (st.penalty != 1)
+        status = torch.where((status == OK) & bad, BAD_SEEN_ID, status)
         ids = torch.where((ids < 0) | (ids >= v), v, ids)  # padding → a scratch column past the vocabulary
         ext = torch.cat([x, x.new_zeros(b, 1)], dim=1)
         got = ext.gather(1, ids)

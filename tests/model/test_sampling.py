@@ -397,3 +397,27 @@ def test_inverse_cdf_never_returns_a_zero_weight_token(weights, data):
     assert weights[token] > 0
     below = sum(weights[:token])
     assert below <= u * total < below + weights[token] or token == max(i for i, x in enumerate(weights) if x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_the_cpu():
+    """int64 wrap-around and the batched pipeline on CUDA: the same hash bits, the same distributions and tokens
+    (V small enough that the reductions do not depend on the device)."""
+    gen = torch.Generator().manual_seed(3)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (64,), generator=gen)] + [2**64 - 1, 2**63, 0]
+    steps = [int(s) for s in torch.randint(0, 2**62, (67,), generator=gen)]
+    s64 = torch.tensor([_as_int64(s) for s in seeds])
+    n = torch.tensor(steps)
+    assert counter_hash(s64.cuda(), n.cuda()).tolist() == counter_hash(s64, n).tolist()
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k, repetition_penalty=r)
+              for t in (0.0, 0.5, 1.3) for p in (1.0, 0.7) for k in (0, 3) for r in (1.0, 1.4)]
+    logits = torch.randn(len(params), 10, generator=gen, dtype=torch.float64)
+    seen = [[1, 2, 2, 7]] * len(params)
+    torch.testing.assert_close(probabilities(logits.cuda(), params, seen).cpu(), probabilities(logits, params, seen),
+                               rtol=0, atol=1e-12)
+    args = (params, seen, seeds[:len(params)], steps[:len(params)])
+    assert select_tokens(logits.cuda(), *args) == select_tokens(logits, *args)
+
+
+def test_an_empty_batch():
+    assert select_tokens(torch.zeros(0, 7), [], [], [], []) == []
