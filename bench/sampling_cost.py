@@ -1,7 +1,8 @@
-"""Times one decode step's token choice: ours (``select_tokens``: per-row, float64, NaN-safe), the previous per-row
-float32 version, and the plain stack (transformers' logits processors on the batch in float32 +
-``torch.multinomial``), in one process, alternating short rounds (the GPU host has slow phases), on the same
-logits. Prints medians and p10 in milliseconds.
+"""Times one decode step's token choice: ours (``server.model.sampling.select_tokens``: batched on the device,
+float64, NaN-safe, counter-based per-row seeds, one host sync), the per-row float32 loop that preceded issue 7, and
+the plain stack (transformers' logits processors on the batch in float32 + ``torch.multinomial``), in one process,
+alternating short rounds (the GPU host has slow phases), on the same logits. Prints medians and p10 in
+milliseconds.
 
     python bench/sampling_cost.py [--device cuda] [--vocab 49152] [--rounds 20]
 """
@@ -36,7 +37,8 @@ def _plain(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_p: 
 
 
 def _previous(logits: torch.Tensor, params: list, seen: list[list[int]], generators: list) -> list[int]:
-    """The token choice before issue 7 (float32, no finite checks), kept here as the same-run reference."""
+    """The per-row token choice before issue 7 (float32, no finite checks, one generator per row), kept here as
+    the same-run reference."""
     from transformers.generation.logits_process import (
         RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
@@ -58,8 +60,8 @@ def _previous(logits: torch.Tensor, params: list, seen: list[list[int]], generat
 
 
 def main() -> None:
-    from server.engine.sampling import make_generator, select_tokens
     from server.engine.types import SamplingParams
+    from server.model.sampling import request_seed, select_tokens
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,11 +77,13 @@ def main() -> None:
         logits = torch.randn(batch, args.vocab, device=dev, dtype=torch.bfloat16) * 4
         seen_lists = [list(range(64)) for _ in range(batch)]
         seen = torch.tensor(seen_lists, device=dev)
-        gens = [make_generator(params, dev) for _ in range(batch)]
+        seeds = [request_seed(params)] * batch
+        steps = list(range(batch))
+        gens = [torch.Generator(device=dev).manual_seed(s) for s in range(batch)]
         plain_gen = torch.Generator(device=dev).manual_seed(1)
         times = {"ours": [], "previous": [], "plain": []}
         for _ in range(3):  # warm-up
-            select_tokens(logits, [params] * batch, seen_lists, gens)
+            select_tokens(logits, [params] * batch, seen_lists, seeds, steps)
             _plain(logits, seen, 0.7, 0.9, 50, 1.1, plain_gen)
         for _ in range(args.rounds):
             for name in ("ours", "previous", "plain"):
@@ -87,7 +91,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 for _ in range(args.reps):
                     if name == "ours":
-                        select_tokens(logits, [params] * batch, seen_lists, gens)
+                        select_tokens(logits, [params] * batch, seen_lists, seeds, steps)
                     elif name == "previous":
                         _previous(logits, [params] * batch, seen_lists, gens)
                     else:

@@ -10,7 +10,7 @@ from server.errors import InvalidArgument
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_EOS = "eos"
-#: Largest accepted ``seed`` (the proto field is a uint64; torch generators take 64-bit seeds).
+#: Largest accepted ``seed`` (the proto field is a uint64; the sampler's counter-based draws use all 64 bits).
 SEED_MAX = 2**64 - 1
 
 
@@ -22,14 +22,15 @@ class SamplingParams:
         max_new_tokens: most tokens to generate (tokens, >= 1).
         temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling. Any finite value
             >= 0 is accepted: one so small that logits / T would overflow acts as greedy, a huge one tends to
-            uniform (see ``server.engine.sampling``).
+            uniform (see ``server.model.sampling``).
         top_p: nucleus sampling mass in (0, 1]; 1 disables it (any value in the range, subnormals included,
             keeps at least the most likely token).
         top_k: keep the k most likely tokens; 0 disables it; values above the vocabulary keep all.
         repetition_penalty: CTRL-style penalty (Keskar et al., 2019) on tokens already in prompt or output;
             1 disables it; any finite value > 0 is accepted (scores are clamped to float64's finite range).
-        seed: seeds this request's own random generator, so a sampled answer is reproducible whatever else
-            shares the batch; None draws a fresh seed; must be in 0 .. 2**64 - 1 (the proto's uint64).
+        seed: seeds this request's own counter-based draws (``server.model.sampling.request_seed``), so a
+            sampled answer is reproducible whatever else shares the batch; None draws a fresh seed; must be in
+            0 .. 2**64 - 1 (the proto's uint64).
         stop: strings that end generation when they appear in the output (they are not returned).
         ignore_eos: generate until ``max_new_tokens`` (or a stop string / the context limit) even when the model
             emits EOS, which then is an ordinary output token; for benchmarks that need fixed-length outputs.

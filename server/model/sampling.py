@@ -176,7 +176,8 @@ def sampling_tensors(params: Sequence[SamplingParams], seen: Sequence[Sequence[i
     Args:
         params: B sampling settings.
         seen: the rows' prompt + generated ids for the repetition penalty: B lists, or a ``[B, L]`` integer tensor
-            padded with -1; None when no row has a penalty. Only rows with a penalty are copied from lists.
+            (ideally already on ``device``) where ids < 0 are padding; None when no row has a penalty. Only rows
+            with a penalty are copied from lists, and only their ids are checked (an id >= V fails the row).
         seeds: B uint64 seeds from :func:`request_seed`.
         steps: B counts of tokens each row has generated so far (0 for the token sampled right after prefill).
         device: where the logits live.
@@ -236,13 +237,14 @@ def _filtered(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, 
     x = torch.where(valid[:, None], x, 0.0)
     if st.seen is not None:
         ids = st.seen
-        status = torch.where((status == OK) & (ids >= v).any(dim=-1), BAD_SEEN_ID, status)
+        bad = (ids >= v).any(dim=-1) & (st.penalty != 1)
+        status = torch.where((status == OK) & bad, BAD_SEEN_ID, status)
         ids = torch.where((ids < 0) | (ids >= v), v, ids)  # padding → a scratch column past the vocabulary
         ext = torch.cat([x, x.new_zeros(b, 1)], dim=1)
         got = ext.gather(1, ids)
         pen = st.penalty[:, None]
         new = torch.where(got < 0, got * pen, got / pen)  # CTRL (Keskar et al. 2019), as transformers'
-        pass
+        new = torch.where(torch.isinf(got), got, new.clamp(-_FLOAT64_MAX, _FLOAT64_MAX))
         x = ext.scatter(1, ids, new)[:, :v]  # duplicate ids write the same value
     greedy_token = x.argmax(dim=-1)
     if not st.any_sampled:
@@ -274,9 +276,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
         ``(tokens, status)``, both ``[B]`` int64 on the device: status :data:`OK`, :data:`NON_FINITE` (NaN / +inf /
         only -inf logits) or :data:`BAD_SEEN_ID` (a seen id >= V); a row with a bad status has an arbitrary token.
         Greedy rows take the argmax of the penalized scores (the first on ties); sampled rows draw by inverse CDF
-        with the uniform ``counter_uniform(seeds, steps)`` over :func:`probabilities`' distribution: the token is the
-        first one of positive probability whose cumulative weight exceeds ``u * total`` (so a zero-probability
-        token is never chosen, even where the device's scan rounds unevenly).
+        with the uniform ``counter_uniform(seeds, steps)`` over :func:`probabilities`' distribution
+        (:func:`inverse_cdf`: a zero-probability token is never chosen).
 
     Raises:
         Whatever torch raises for malformed input (wrong shapes, devices); :func:`select_tokens` catches it.
@@ -284,15 +285,22 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
     greedy_token, s, status = _filtered(logits, st)
     if not st.any_sampled:
         return greedy_token, status
-    w = torch.exp(s)  # unnormalized: the max is exp(0) == 1
-    cdf = w.cumsum(dim=-1)
-    target = counter_uniform(st.seeds, st.steps)[:, None] * cdf[:, -1:]
-    hit = (w > 0) & (cdf > target)
-    first = hit.to(torch.int32).argmax(dim=-1)  # the first True
-    vocab = torch.arange(w.shape[1], device=w.device)
-    last = torch.where(w > 0, vocab, -1).amax(dim=-1)  # rounding fallback: the last token in the support
-    drawn = torch.where(hit.any(dim=-1), first, last)
+    drawn = inverse_cdf(torch.exp(s), counter_uniform(st.seeds, st.steps))  # exp(max) == exp(0) == 1
     return torch.where(st.temperature > 0, drawn, greedy_token), status
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: ``[B, V]`` non-negative float64 weights (unnormalized, each row with a positive entry)
+    and ``[B]`` uniforms in ``[0, 1)`` → ``[B]`` int64 tokens: the first token of positive weight whose cumulative
+    weight exceeds ``u * total``. A zero-weight token is never returned, even where the device's scan rounds
+    unevenly (then the last token of positive weight is the fallback)."""
+    cdf = weights.cumsum(dim=-1)
+    target = u[:, None] * cdf[:, -1:]
+    hit = (weights > 0) & (cdf > target)
+    first = hit.to(torch.int32).argmax(dim=-1)  # argmax returns the first maximal index
+    vocab = torch.arange(weights.shape[1], device=weights.device)
+    last = torch.where(weights > 0, vocab, -1).amax(dim=-1)
+    return torch.where(hit.any(dim=-1), first, last)
 
 
 def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams],
