@@ -12,6 +12,7 @@ layers written straight into the banks. Rounds alternate eager and graph in one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -79,56 +80,62 @@ def main() -> None:
     cfg = EngineConfig(max_batch_size=64, adapter_slots=64, max_lora_rank=16, max_total_tokens=1024,
                        cpu_adapter_cache=64, kv_cache_bytes=0)
     t0 = time.perf_counter()
-    runner = build_runner(model, cfg, model.model.embed_tokens.weight.dtype, 1024)
+    runners = {"ours": build_runner(model, cfg, model.model.embed_tokens.weight.dtype, 1024)}
     build_s = time.perf_counter() - t0
+    if device == "cuda":  # the same engine with bitsandbytes' dequantize + GEMM for every batch > 1
+        runners["bnb-matmul"] = build_runner(model, dataclasses.replace(cfg, nf4_kernel=False, kv_cache_bytes=4 << 30),
+                                             model.model.embed_tokens.weight.dtype, 1024)
+    runner = runners["ours"]
     print(f"model {load_s:.1f} s; runner {build_s:.1f} s (capture {runner.capture_seconds:.1f} s, graphs "
           f"{runner.graph_status}); KV pool {runner.pool.nbytes / 2**30:.2f} GiB, banks "
           f"{runner.banks.bank_bytes() / 2**30:.2f} GiB", flush=True)
     gen = torch.Generator().manual_seed(0)
-    for a, b in zip(runner.banks.A, runner.banks.B):  # every slot holds a random r=16 adapter
-        a[:-1].copy_(torch.randn(a[:-1].shape, generator=gen).to(a.dtype) * 0.01)
-        b[:-1].copy_(torch.randn(b[:-1].shape, generator=gen).to(b.dtype) * 0.01)
+    for r in runners.values():  # every slot holds a random r=16 adapter
+        r.banks.flat[:-1].copy_((torch.randn(r.banks.flat[:-1].shape, generator=gen) * 0.01).to(r.banks.dtype))
     vocab = model.config.vocab_size
     ctx = 512
     per_seq = (ctx + 64) // runner.pool.block_size + 1
     results = {"load_s": load_s, "build_s": build_s, "capture_s": runner.capture_seconds,
-               "graphs": runner.graph_status, "steps_ms": {}}
-    for batch in (1, 16, 64):
+               "graphs": runner.graph_status, "kv_pool_bytes": runner.pool.nbytes,
+               "bank_bytes": runner.banks.bank_bytes(), "steps_ms": {}}
+    for batch in (1, 2, 16, 64):
         prompts = [torch.randint(vocab, (ctx,), generator=gen).tolist() for _ in range(batch)]
         tables = [tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
-        for i in range(0, batch, 4):  # prefill (eager), 4 rows at a time
-            runner.prefill([StepRow(tuple(p), 0, t) for p, t in zip(prompts[i:i + 4], tables[i:i + 4])])
+        for r in runners.values():
+            for i in range(0, batch, 4):  # prefill (eager), 4 rows at a time
+                r.prefill([StepRow(tuple(p), 0, t) for p, t in zip(prompts[i:i + 4], tables[i:i + 4])])
         for mode in ("none", "1 adapter", "4 adapters", "64 adapters"):
             if batch == 1 and mode in ("4 adapters", "64 adapters"):
                 continue
             slots = {"none": [-1] * batch, "1 adapter": [0] * batch, "4 adapters": [i % 4 for i in range(batch)],
                      "64 adapters": [i % 64 for i in range(batch)]}[mode]
             rows = [StepRow((p[-1],), ctx, t, s) for p, t, s in zip(prompts, tables, slots)]
-            graph_runs, eager_runs = [], []
-            for _ in range(args.rounds):
-                for kind, runs in (("graph", graph_runs), ("eager", eager_runs)):
-                    if kind == "graph" and runner.graphs is None:
-                        continue
-                    fn = (lambda: runner.decode(rows)) if kind == "graph" else (lambda: runner.eager(rows))
+            stacks = {f"{name}, graph": (lambda r=r: r.decode(rows)) for name, r in runners.items()
+                      if r.graphs is not None}
+            if mode in ("none", "4 adapters") or device == "cpu":
+                stacks["ours, eager"] = lambda: runner.eager(rows)
+            runs = {key: [] for key in stacks}
+            for _ in range(args.rounds):  # alternate short rounds: the host has slow phases
+                for key, fn in stacks.items():
                     fn()
-                    runs.extend(timed(fn, device) for _ in range(args.steps))
-            for kind, runs in (("graph", graph_runs), ("eager", eager_runs)):
-                if runs:
-                    runs.sort()
-                    key = f"batch {batch}, {mode}, {kind}"
-                    results["steps_ms"][key] = {"median": statistics.median(runs), "p10": runs[len(runs) // 10]}
-                    print(f"{key}: median {statistics.median(runs):.2f} ms, p10 {runs[len(runs) // 10]:.2f} ms",
-                          flush=True)
+                    runs[key].extend(timed(fn, device) for _ in range(args.steps))
+            for key, samples in runs.items():
+                samples.sort()
+                label = f"batch {batch}, {mode}, {key}"
+                results["steps_ms"][label] = {"median": statistics.median(samples), "p10": samples[len(samples) // 10]}
+                print(f"{label}: median {statistics.median(samples):.2f} ms, p10 {samples[len(samples) // 10]:.2f} ms",
+                      flush=True)
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        rows = [StepRow((1,), ctx, tuple(range(1, 1 + per_seq)), -1)]
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            runner.eager(rows)
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-        (args.out / "profile_eager_b1.txt").write_text(table)
-        print(table[:3000])
+        for batch in (1, 16):
+            rows = [StepRow((1,), ctx, tuple(range(1 + i * per_seq, 1 + (i + 1) * per_seq)), i % 4)
+                    for i in range(batch)]
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                runner.eager(rows)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            (args.out / f"profile_eager_b{batch}_lora.txt").write_text(table)
     (args.out / "decode_step.json").write_text(json.dumps(results, indent=1))
 
 

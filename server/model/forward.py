@@ -26,6 +26,10 @@ from torch import nn
 from server.errors import FailedPrecondition
 from server.model.kv_cache import KVPool
 from server.model.lora import LoraBanks
+from server.model.nf4_matmul import MAX_TOKENS as NF4_MAX_TOKENS
+from server.model.nf4_matmul import MIN_TOKENS as NF4_MIN_TOKENS
+from server.model.nf4_matmul import NF4Weight, nf4_linear
+from server.model.nf4_matmul import available as nf4_available
 
 #: ``config.model_type`` values whose decoder layer is the Llama layer (pre-norm, rotary, GQA, gated MLP).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -81,12 +85,15 @@ class DecoderForward:
     Args:
         model: a transformers ``*ForCausalLM`` passing :func:`check_supported` (weights NF4 or plain).
         banks: LoRA banks whose module names are the model's routable linear layers.
+        nf4_kernel: on CUDA with Triton, run the NF4 projections of 2–64-token steps with
+            :mod:`server.model.nf4_matmul` (one read of the 4-bit weights) instead of bitsandbytes' dequantize +
+            dense GEMM; one token always uses bitsandbytes' fused GEMV, longer prefill chunks its GEMM.
 
     Attributes:
         layers, kv_heads, head_dim: the attention shape the KV pool must have.
     """
 
-    def __init__(self, model: nn.Module, banks: LoraBanks) -> None:
+    def __init__(self, model: nn.Module, banks: LoraBanks, nf4_kernel: bool = True) -> None:
         check_supported(model)
         config = model.config
         inner = model.model
@@ -105,14 +112,39 @@ class DecoderForward:
         # Per layer, the bank index of each of the 7 projections (-1: not routable → no LoRA term).
         self.lora_index = [[banks.index.get(f"{prefix}.{i}.{p}", -1) for p in _PROJECTIONS]
                            for i in range(self.layers)]
+        self.nf4: dict[int, NF4Weight] = {}  # id(module) → its weight in the small-batch kernel's form
+        if nf4_kernel and nf4_available(next(model.parameters()).device):
+            for layer in self.layer_modules:
+                for module in (*layer.self_attn.children(), *layer.mlp.children()):
+                    weight = NF4Weight.from_module(module)
+                    if weight is not None:
+                        self.nf4[id(module)] = weight
 
-    def _linear(self, layer: int, which: int, module: nn.Module, x: torch.Tensor, inp: StepInputs,
-                use_lora: bool) -> torch.Tensor:
-        y = module(x)
-        i = self.lora_index[layer][which]
-        if use_lora and i >= 0:
-            y = y + self.banks.delta(i, x, inp.lora_slots).to(y.dtype)
-        return y
+    def _matmul(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)``, through the small-batch NF4 kernel when it serves this module and token count (a shape
+        check: the same branch every replay of a captured step)."""
+        weight = self.nf4.get(id(module))
+        if weight is not None and NF4_MIN_TOKENS <= x.numel() // x.shape[-1] <= NF4_MAX_TOKENS:
+            return nf4_linear(x, weight)
+        return module(x)
+
+    def _project(self, layer: int, which: tuple[int, ...], modules: tuple[nn.Module, ...], x: torch.Tensor,
+                 lora: torch.Tensor | None) -> list[torch.Tensor]:
+        """Base projections of ``x`` (``[N, T, in]``) by ``modules`` (projections ``which`` of ``layer``), each plus
+        its rows' LoRA term when ``lora`` (the step's gathered banks) is given. Modules sharing ``x`` whose A factors
+        are adjacent in the banks are shrunk with one matmul."""
+        outs = [self._matmul(m, x) for m in modules]
+        if lora is None:
+            return outs
+        index = [self.lora_index[layer][w] for w in which]
+        banks, r = self.banks, self.banks.max_rank
+        if all(i >= 0 for i in index) and index == list(range(index[0], index[0] + len(index))):
+            h = banks.shrink(lora, index[0], len(index), x)
+            return [banks.expand(lora, i, h[..., j * r:(j + 1) * r], y) for j, (i, y) in enumerate(zip(index, outs))]
+        for j, i in enumerate(index):
+            if i >= 0:
+                outs[j] = banks.expand(lora, i, banks.shrink(lora, i, 1, x), outs[j])
+        return outs
 
     def __call__(self, inp: StepInputs, pool: KVPool, use_lora: bool) -> torch.Tensor:
         """Run one step; write the step's keys/values to ``pool``.
@@ -136,6 +168,7 @@ class DecoderForward:
             key_pos[None, None, :] < inp.context_lens[:, None, None])  # [N, T, L]
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=hidden.device).masked_fill(~allowed, float("-inf"))
         groups = self.heads // self.kv_heads
+        lora = self.banks.gather(inp.lora_slots) if use_lora else None  # [N, total]: the rows' own adapters
         # [N, 1, G·T, L]: the same mask for every group member (query row g·T + t), broadcast over KV heads.
         bias = bias[:, None, None].expand(n, 1, groups, t, ctx).reshape(n, 1, groups * t, ctx)
         write = inp.write_rows.reshape(-1)
@@ -143,9 +176,10 @@ class DecoderForward:
         for l, layer in enumerate(self.layer_modules):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(hidden)
-            q = self._linear(l, 0, attn.q_proj, x, inp, use_lora).view(n, t, self.heads, self.head_dim)
-            k = self._linear(l, 1, attn.k_proj, x, inp, use_lora).view(n, t, self.kv_heads, self.head_dim)
-            v = self._linear(l, 2, attn.v_proj, x, inp, use_lora).view(n, t, self.kv_heads, self.head_dim)
+            q, k, v = self._project(l, (0, 1, 2), (attn.q_proj, attn.k_proj, attn.v_proj), x, lora)
+            q = q.view(n, t, self.heads, self.head_dim)
+            k = k.view(n, t, self.kv_heads, self.head_dim)
+            v = v.view(n, t, self.kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             pool.keys[l].index_copy_(0, write, k.reshape(n * t, self.kv_heads, self.head_dim).to(pool.keys[l].dtype))
@@ -161,11 +195,10 @@ class DecoderForward:
             out = torch.matmul(probs, values.permute(0, 2, 1, 3).to(qg.dtype))  # [N, H_kv, G·T, D]
             out = out.view(n, self.kv_heads, groups, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(
                 n, t, self.heads * self.head_dim)
-            hidden = hidden + self._linear(l, 3, attn.o_proj, out, inp, use_lora)
+            hidden = hidden + self._project(l, (3,), (attn.o_proj,), out, lora)[0]
             x = layer.post_attention_layernorm(hidden)
-            gate = self._linear(l, 4, mlp.gate_proj, x, inp, use_lora)
-            up = self._linear(l, 5, mlp.up_proj, x, inp, use_lora)
-            hidden = hidden + self._linear(l, 6, mlp.down_proj, mlp.act_fn(gate) * up, inp, use_lora)
+            gate, up = self._project(l, (4, 5), (mlp.gate_proj, mlp.up_proj), x, lora)
+            hidden = hidden + self._project(l, (6,), (mlp.down_proj,), mlp.act_fn(gate) * up, lora)[0]
         last = hidden[torch.arange(n, device=hidden.device), inp.last_index]  # [N, hidden]
         return self.head(self.norm(last))
 

@@ -156,17 +156,24 @@ class ModelRunner:
 
 
 
-def kv_cache_budget(requested: int, device: torch.device, per_token: int, max_batch_size: int,
-                    max_total_tokens: int) -> int:
-    """Bytes for the KV pool: ``requested`` when set, else enough for ``max_batch_size`` rows of
-    ``max_total_tokens`` tokens, capped at half the free accelerator memory (CUDA) or 1 GiB (CPU)."""
-    if requested:
-        return requested
-    full = max_batch_size * max_total_tokens * per_token
+def kv_cache_blocks(requested_bytes: int, device: torch.device, per_token: int, block_size: int,
+                    max_batch_size: int, max_total_tokens: int) -> int:
+    """Blocks of the KV pool (the scratch block included).
+
+    ``requested_bytes`` when set (``blocks = bytes // (block_size · per_token)``); else (auto) enough for
+    ``max_batch_size`` rows of ``max_total_tokens`` tokens plus the scratch block, capped at half the free
+    accelerator memory (CUDA) or 1 GiB (CPU). ``per_token`` is :func:`server.model.kv_cache.bytes_per_token`.
+    """
+    from server.model.kv_cache import blocks_for
+
+    if requested_bytes:
+        return blocks_for(requested_bytes, block_size, per_token)
+    full = max_batch_size * math.ceil(max_total_tokens / block_size) + 1
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return min(full, free // 2)
-    return min(full, 1 << 30)
+        cap = torch.cuda.mem_get_info(device)[0] // 2
+    else:
+        cap = 1 << 30
+    return min(full, blocks_for(cap, block_size, per_token))
 
 
 def build_runner(model, config, lora_dtype: torch.dtype, max_total_tokens: int) -> ModelRunner:
@@ -186,18 +193,18 @@ def build_runner(model, config, lora_dtype: torch.dtype, max_total_tokens: int) 
     Raises:
         FailedPrecondition: the model's architecture is not supported (field ``model``).
     """
-    from server.model.kv_cache import blocks_for, bytes_per_token
+    from server.model.kv_cache import bytes_per_token
     from server.model.lora import routable_modules
 
     device = next(model.parameters()).device
     shapes = {name: (int(m.in_features), int(m.out_features)) for name, m in routable_modules(model).items()}
     banks = LoraBanks(shapes, config.adapter_slots, config.max_lora_rank, lora_dtype, device)
-    forward = DecoderForward(model, banks)
+    forward = DecoderForward(model, banks, nf4_kernel=config.nf4_kernel)
     dtype = forward.embed.weight.dtype
     per_token = bytes_per_token(forward.layers, forward.kv_heads, forward.head_dim, dtype)
-    budget = kv_cache_budget(config.kv_cache_bytes, device, per_token, config.max_batch_size, max_total_tokens)
-    pool = KVPool(forward.layers, blocks_for(budget, config.kv_block_size, per_token), config.kv_block_size,
-                  forward.kv_heads, forward.head_dim, dtype, device)
+    blocks = kv_cache_blocks(config.kv_cache_bytes, device, per_token, config.kv_block_size, config.max_batch_size,
+                             max_total_tokens)
+    pool = KVPool(forward.layers, blocks, config.kv_block_size, forward.kv_heads, forward.head_dim, dtype, device)
     max_blocks = min(math.ceil(max_total_tokens / config.kv_block_size), pool.num_blocks - 1)
     runner = ModelRunner(forward, pool, banks, config.max_batch_size, max_blocks)
     if device.type == "cuda" and config.cuda_graphs:

@@ -19,10 +19,10 @@ from server.adapters import validation
 from server.adapters.cache import AdapterCache
 from server.adapters.store import AdapterStore
 from server.adapters.types import BaseModelSpec
-from server.engine import batch as kv
+from server.config import EngineConfig
 from server.errors import FailedPrecondition, NotFound
 from server.metrics import Metrics
-from server.model.lora import attach_router
+from server.model.runner import StepRow, build_runner
 from tests.tiny import TINY_NAME, edit_config, load_nf4
 
 #: Bound of every wait in this file (seconds): liveness only, never a timing check.
@@ -240,7 +240,8 @@ def test_alpha_only_replace_during_a_slot_write_is_served_with_the_new_scale(tmp
     """A replace that changes only lora_alpha (8 → 32) lands while the old version is being written into a slot:
     that slot is never served, and the next request gets the new scale — its logits equal PEFT's with alpha 32."""
     model = load_nf4(base_dir)
-    router = attach_router(model, slots=2, max_rank=16, dtype=torch.float32, max_batch_size=2)
+    runner = build_runner(model, EngineConfig(adapter_slots=2, max_lora_rank=16, max_batch_size=2), torch.float32, 128)
+    router = runner.banks
     spec = BaseModelSpec.from_model(model, TINY_NAME, max_rank=16)
     store = AdapterStore(tmp_path / "store", spec)
     store.register("x", variants["w1"])
@@ -275,9 +276,7 @@ def test_alpha_only_replace_during_a_slot_write_is_served_with_the_new_scale(tmp
     assert slot is not None, "the new version never reached a slot"
 
     ids = torch.randint(1, 256, (9,), generator=torch.Generator().manual_seed(3)).tolist()
-    router.set_rows([slot])
-    with torch.inference_mode():
-        _, logits = kv.prefill(model, [ids])
+    logits = runner.prefill([StepRow(tuple(ids), 0, (1,), slot)])
     ours = logits[0].float()
     want, old = peft_logits(base_dir, variants["w1_alpha32"], ids), peft_logits(base_dir, variants["w1"], ids)
     error = (ours - want).abs().max().item()

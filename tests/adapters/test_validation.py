@@ -418,21 +418,24 @@ def test_loaded_adapter_routes_like_peft(base_dir, adapter):
     from peft import PeftModel
 
     from server.adapters.types import BaseModelSpec
-    from server.model.lora import attach_router
+    from server.config import EngineConfig
+    from server.model.runner import StepRow, build_runner
     from tests.tiny import TINY_NAME, load_nf4
 
     path = adapter(seed=7, target_modules="all-linear", rank_pattern={"down_proj": 2}, use_rslora=True)
     model = load_nf4(base_dir)
-    router = attach_router(model, slots=2, max_rank=16, dtype=torch.float32, max_batch_size=2)
-    router.load(1, validate_adapter_dir(path, BaseModelSpec.from_model(model, TINY_NAME, 16)))
-    router.set_rows([1, -1])
+    runner = build_runner(model, EngineConfig(adapter_slots=2, max_lora_rank=16, max_batch_size=2), torch.float32,
+                          128)
+    runner.banks.load(1, validate_adapter_dir(path, BaseModelSpec.from_model(model, TINY_NAME, 16)))
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    routed = runner.prefill([StepRow(tuple(ids[0].tolist()), 0, (1,), 1),
+                             StepRow(tuple(ids[1].tolist()), 0, (2,), -1)]).float()
     peft_model = PeftModel.from_pretrained(load_nf4(base_dir), path).eval()
     with torch.no_grad():
-        routed = model(ids).logits.float()
-        expected = peft_model(ids).logits.float()
+        expected = peft_model(ids).logits[:, -1].float()
         with peft_model.disable_adapter():
-            plain = peft_model(ids).logits.float()
-    assert (expected[0] - plain[0]).abs().max() > 1e-2  # the adapter matters
-    torch.testing.assert_close(routed[0], expected[0])
-    torch.testing.assert_close(routed[1], plain[1])
+            plain = peft_model(ids).logits[:, -1].float()
+    effect = (expected[0] - plain[0]).abs().max().item()
+    errors = [(routed[0] - expected[0]).abs().max().item(), (routed[1] - plain[1]).abs().max().item()]
+    assert effect > 20 * max(errors), (effect, errors)  # the adapter matters far more than the tolerance
+    assert max(errors) <= 0.05 * expected.abs().max().item(), errors

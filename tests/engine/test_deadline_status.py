@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from server.config import ServerConfig
-from server.engine import batch as kv
+from server.model.runner import ModelRunner
 from server.engine.types import GenerationRequest, SamplingParams
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pbg
@@ -43,13 +43,13 @@ def base(tmp_path_factory):
 
 @pytest.fixture
 def world(tmp_path, base, monkeypatch):
-    real_decode = kv.decode
+    real_decode = ModelRunner.decode
 
     def slow_decode(*args, **kwargs):  # ~20 ms per step, so a 126-token answer outlives a short deadline
         time.sleep(0.02)
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(kv, "decode", slow_decode)
+    monkeypatch.setattr(ModelRunner, "decode", slow_decode)
     log = _Log()
     eng, store, metrics = build_engine(tmp_path, base, {}, request_log=log, max_batch_size=1)
     app = SimpleNamespace(config=ServerConfig(engine=eng.config, grpc_workers=8), engine=eng, store=store,

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.config import ServerConfig
-from server.engine import batch as kv
 from server.engine import engine as engine_module
 from server.engine.types import GenerationRequest, SamplingParams
 from server.errors import Cancelled, InvalidArgument, ServerError, Unavailable
@@ -184,7 +183,7 @@ def test_failed_prefill_ends_only_the_requests_it_admitted(tmp_path, files, monk
         want = ids(drain(eng.submit(req("ref", max_new_tokens=40))))
         neighbour = eng.submit(req("nb", max_new_tokens=40))
         wait_running(eng, neighbour)
-        monkeypatch.setattr(kv, "prefill", _raiser())
+        monkeypatch.setattr(eng.runner, "prefill", _raiser())
         victim = eng.submit(req("victim", "alpha"))
         last = drain(victim)[-1]
         assert isinstance(last.error, ServerError) and last.error.code == "INTERNAL"
@@ -205,7 +204,7 @@ def test_failed_decode_ends_the_running_batch_not_the_queue(tmp_path, files, mon
         wait_running(eng, running)
         waiting = eng.submit(req("wait", prompt="zz"))  # the batch is full: it waits
         calls = {"n": 0}
-        real_decode = kv.decode
+        real_decode = eng.runner.decode
 
         def decode_once_failing(*args, **kwargs):
             calls["n"] += 1
@@ -213,7 +212,7 @@ def test_failed_decode_ends_the_running_batch_not_the_queue(tmp_path, files, mon
                 raise RuntimeError("injected decode failure")
             return real_decode(*args, **kwargs)
 
-        monkeypatch.setattr(kv, "decode", decode_once_failing)
+        monkeypatch.setattr(eng.runner, "decode", decode_once_failing)
         last = drain(running)[-1]
         assert last.error is not None and last.error.code == "INTERNAL" and "injected decode" in str(last.error)
         assert ids(drain(waiting)) == want
@@ -276,7 +275,7 @@ def test_dead_engine_thread_ends_requests_and_reports_not_serving(tmp_path, file
             assert status("") == health_pb2.HealthCheckResponse.SERVING
             running = eng.submit(req("run", max_new_tokens=60))
             wait_running(eng, running)
-            monkeypatch.setattr(kv, "decode", _raiser(_Die))
+            monkeypatch.setattr(eng.runner, "decode", _raiser(_Die))
             last = drain(running)[-1]
             assert last.error.code == "INTERNAL" and "stopped unexpectedly" in str(last.error)
             eng._thread.join(WAIT)
@@ -333,7 +332,7 @@ def test_any_failure_gives_every_request_exactly_one_terminal_event(faulty, poin
     eng, alone = faulty
     real_log = eng.request_log
     eng.request_log = SimpleNamespace(finished=real_log.finished)  # RequestLog is frozen: patch a stand-in
-    owner = {"prefill": kv, "decode": kv, "select_tokens": engine_module, "acquire": eng.cache,
+    owner = {"prefill": eng.runner, "decode": eng.runner, "select_tokens": engine_module, "acquire": eng.cache,
              "release": eng.cache, "request_log": eng.request_log, "tokenizer_decode": eng.tokenizer}[point]
     name = {"request_log": "finished", "tokenizer_decode": "decode"}.get(point, point)
     n = next(_counter)

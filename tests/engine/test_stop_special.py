@@ -4,6 +4,7 @@ string naming one special token also matches its id, and the returned text still
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from server.config import EngineConfig
 from server.engine.engine import Engine, RequestStream, _Sequence
+from server.engine.output import OutputProcessor
 from server.engine.types import GenerationRequest, SamplingParams
 from server.metrics import Metrics
 from tests.engine_harness import build_engine
@@ -78,7 +80,8 @@ def test_a_stop_token_that_is_eos_counts_like_eos():
     for name, stops in (("eos", ()), ("stop-eos", (tok.convert_ids_to_tokens(eos),))):
         params = SamplingParams(max_new_tokens=8, stop=stops)
         seq = _Sequence(request=GenerationRequest(name, prompt="x", params=params), stream=RequestStream(name, eng),
-                        prompt_ids=[1], arrival=time.monotonic(), label="base", stop_ids=eng._stop_token_ids(stops))
+                        prompt_ids=[1], arrival=time.monotonic(), label="base", seed=0,
+                        output=OutputProcessor(tok, stops, eng._hidden_specials), stop_ids=eng._stop_token_ids(stops))
         for t in (ord("a"), ord("b"), eos):
             eng._accept(seq, t)
         assert seq.done
@@ -107,18 +110,18 @@ def test_issue_case_on_the_embedded_model(tmp_path):
     from server.config import ModelConfig
     from server.model.base import load_base_model
     from server.model.embedded import ensure_converted
-    from server.model.lora import attach_router
+    from server.model.runner import build_runner
 
     model_cfg = ModelConfig(compute_dtype="float32", device="cpu")
     model_dir = ensure_converted(model_cfg.cache_dir)
     model, tokenizer, info = load_base_model(ModelConfig(model=str(model_dir), compute_dtype="float32",
                                                          device="cpu"))
     cfg = EngineConfig(adapter_slots=1, max_lora_rank=8)
-    router = attach_router(model, cfg.adapter_slots, cfg.max_lora_rank, torch.float32, cfg.max_batch_size)
+    runner = build_runner(model, cfg, torch.float32, 512)
     store = AdapterStore(tmp_path / "store", BaseModelSpec.from_model(model, info.name, cfg.max_lora_rank))
     metrics = Metrics()
-    eng = Engine(model, tokenizer, router, AdapterCache(store, router, 1, metrics), cfg, metrics,
-                 max_total_tokens=info.max_positions)
+    eng = Engine(model, tokenizer, runner, AdapterCache(store, runner.banks, 1, metrics), cfg, metrics,
+                 max_total_tokens=512)
     eng.start()
     prompt = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello! How can I help you today?<|im_end|>\n")
     try:
@@ -147,7 +150,8 @@ def _scripted_engine(special_ids):
     tok = byte_tokenizer()
     if special_ids:
         tok.add_special_tokens({"additional_special_tokens": [tok.convert_ids_to_tokens(i) for i in special_ids]})
-    return Engine(model=None, tokenizer=tok, router=None, adapter_cache=None, config=EngineConfig(),
+    runner = SimpleNamespace(pool=SimpleNamespace(num_blocks=2, block_size=16))  # no forward pass is run
+    return Engine(model=None, tokenizer=tok, runner=runner, adapter_cache=None, config=EngineConfig(),
                   metrics=Metrics(), max_total_tokens=10_000), tok
 
 
@@ -186,7 +190,8 @@ def test_stop_matching_property(data):
     params = SamplingParams(max_new_tokens=len(ids), stop=stops)
     stream = RequestStream("p", eng)
     seq = _Sequence(request=GenerationRequest("p", prompt="x", params=params), stream=stream, prompt_ids=[1],
-                    arrival=time.monotonic(), label="base", stop_ids=eng._stop_token_ids(stops))
+                    arrival=time.monotonic(), label="base", seed=0,
+                    output=OutputProcessor(tok, stops, eng._hidden_specials), stop_ids=eng._stop_token_ids(stops))
     for t in ids:
         eng._accept(seq, t)
         if seq.done:
