@@ -83,7 +83,7 @@ def main() -> None:
     runners = {"ours": build_runner(model, cfg, model.model.embed_tokens.weight.dtype, 1024)}
     build_s = time.perf_counter() - t0
     if device == "cuda":  # the same engine with bitsandbytes' dequantize + GEMM for every batch > 1
-        runners["bnb-matmul"] = build_runner(model, dataclasses.replace(cfg, nf4_kernel=False, kv_cache_bytes=4 << 30),
+        runners["bnb-matmul"] = build_runner(model, dataclasses.replace(cfg, nf4_kernel=False),
                                              model.model.embed_tokens.weight.dtype, 1024)
     runner = runners["ours"]
     print(f"model {load_s:.1f} s; runner {build_s:.1f} s (capture {runner.capture_seconds:.1f} s, graphs "

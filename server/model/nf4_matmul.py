@@ -15,7 +15,8 @@ float32, ``N · K / 64 · 4`` bytes — about 0.4 GiB for an 8B model). Then, as
     W[n, k] = bf16( code[q(n, k)] · absmax[(n·K + k) // 64] ),   y = x Wᵀ accumulated in float32.
 
 Each program owns ``BLOCK_N`` output features and walks K in ``BLOCK_K`` tiles; x (at most 64 rows) is padded to
-``BLOCK_M >= 16`` rows for ``tl.dot``.
+``BLOCK_M >= 16`` rows for ``tl.dot``. The code book is decoded with a select tree on the 4 bits (no table loads)
+and the two nibbles of a byte are multiplied by x's even and odd columns (no interleaving shuffle).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs (CI) run wit
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
+#: ``(BLOCK_N, BLOCK_K, num_warps)``.
+DEFAULT_CONFIG = (32, 128, 4)
 #: Token counts this kernel serves (one token goes to bitsandbytes' fused GEMV; more is prefill: a dense GEMM).
 MIN_TOKENS, MAX_TOKENS = 2, 64
 
@@ -46,14 +49,14 @@ class NF4Weight:
     Attributes:
         packed: ``[N · K / 2]`` uint8 codes (the module's own storage, not a copy).
         absmax: ``[N · K / 64]`` float32 block scales (double quantization undone).
-        code: ``[16]`` float32 code book (NF4 or FP4).
+        code_values: the 16 float32 code-book values (NF4 or FP4), passed to the kernel as scalars.
         n, k: output and input features.
         bias: ``[N]`` or None.
     """
 
     packed: torch.Tensor
     absmax: torch.Tensor
-    code: torch.Tensor
+    code_values: tuple[float, ...]
     n: int
     k: int
     bias: torch.Tensor | None
@@ -72,41 +75,65 @@ class NF4Weight:
         if state.nested:
             absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
         n, k = (int(d) for d in state.shape)
-        return cls(packed=weight.data.reshape(-1), absmax=absmax.float().contiguous(), code=state.code.float(),
+        return cls(packed=weight.data.reshape(-1), absmax=absmax.float().contiguous(), code_values=tuple(float(v) for v in state.code.float().cpu()),
                    n=n, k=k, bias=getattr(module, "bias", None))
 
 
 if triton is not None:
 
     @triton.jit
-    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    def _decode(q, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
+        """4-bit codes → code-book values by a select tree on the bits (no per-element table loads)."""
+        b0 = (q & 1) != 0
+        b1 = (q & 2) != 0
+        b2 = (q & 4) != 0
+        b3 = (q & 8) != 0
+        v0 = tl.where(b1, tl.where(b0, c3, c2), tl.where(b0, c1, c0))
+        v1 = tl.where(b1, tl.where(b0, c7, c6), tl.where(b0, c5, c4))
+        v2 = tl.where(b1, tl.where(b0, c11, c10), tl.where(b0, c9, c8))
+        v3 = tl.where(b1, tl.where(b0, c15, c14), tl.where(b0, c13, c12))
+        return tl.where(b3, tl.where(b2, v3, v2), tl.where(b2, v1, v0))
+
+    @triton.jit
+    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                           c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Byte j of a row holds elements 2j (high nibble) and 2j+1 (low nibble): instead of interleaving the
+        # decoded weights, multiply the high nibbles by x's even columns and the low ones by its odd columns.
         pid = tl.program_id(0)
         rows = tl.arange(0, BLOCK_M)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        row_ok = rows < M
         half = tl.arange(0, BLOCK_K // 2)
-        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + ks)[None, :], mask=rows[:, None] < M, other=0.0)
             byte = tl.load(packed_ptr + cols[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=col_ok[:, None],
-                           other=0)
-            q = tl.join((byte >> 4).to(tl.int32), (byte & 0xF).to(tl.int32)).reshape(BLOCK_N, BLOCK_K)
-            scale = tl.load(absmax_ptr + (cols[:, None] * K + (k0 + ks)[None, :]) // 64, mask=col_ok[:, None],
+                           other=0).to(tl.int32)
+            # one absmax per 64 elements = 32 bytes: lanes of a block read the same address
+            scale = tl.load(absmax_ptr + cols[:, None] * (K // 64) + ((k0 + 2 * half) // 64)[None, :],
+                            mask=col_ok[:, None], other=0.0)
+            x_even = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + 2 * half)[None, :], mask=row_ok[:, None],
+                             other=0.0)
+            x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + 2 * half + 1)[None, :], mask=row_ok[:, None],
                             other=0.0)
-            w = (tl.load(code_ptr + q) * scale).to(x.dtype)  # [BLOCK_N, BLOCK_K], as bitsandbytes dequantizes
-            acc += tl.dot(x, tl.trans(w))
+            w_hi = (_decode(byte >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+                    * scale).to(x_even.dtype)  # as bitsandbytes dequantizes: float32 product, then rounded
+            w_lo = (_decode(byte & 0xF, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+                    * scale).to(x_even.dtype)
+            acc += tl.dot(x_even, tl.trans(w_hi))
+            acc += tl.dot(x_odd, tl.trans(w_lo))
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & col_ok[None, :])
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
-def nf4_linear(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+def nf4_linear(x: torch.Tensor, weight: NF4Weight, config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x Wᵀ (+ bias)`` with the 4-bit weight read once.
 
     Args:
         x: ``[..., K]`` in the compute dtype (bfloat16 or float16), at most :data:`MAX_TOKENS` rows in all.
         weight: from :meth:`NF4Weight.from_module`.
+        config: ``(BLOCK_N, BLOCK_K, num_warps)`` to override the default tiles (benchmarks).
 
     Returns:
         ``[..., N]`` in ``x``'s dtype.
@@ -123,12 +150,13 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
         x2 = x2.contiguous()
     y = torch.empty(m, weight.n, dtype=x.dtype, device=x.device)
     block_m = max(16, triton.next_power_of_2(m))
-    block_n = 16 if weight.n <= 4096 else 32  # enough programs to fill the GPU for every projection shape
-    block_k = 256 if weight.k % 256 == 0 else 64
+    block_n, block_k, warps = config or DEFAULT_CONFIG
+    if weight.k % block_k:
+        block_k = 64
     grid = (triton.cdiv(weight.n, block_n),)
-    _nf4_matmul_kernel[grid](x2, weight.packed, weight.absmax, weight.code, y, m, weight.n, weight.k, x2.stride(0),
-                             y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-                             num_stages=3)
+    _nf4_matmul_kernel[grid](x2, weight.packed, weight.absmax, y, m, weight.n, weight.k, x2.stride(0), y.stride(0),
+                             *weight.code_values, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             num_warps=warps, num_stages=3)
     if weight.bias is not None:
         y += weight.bias.to(y.dtype)
     return y.reshape(*lead, weight.n)
