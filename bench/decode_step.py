@@ -12,7 +12,6 @@ layers written straight into the banks. Rounds alternate eager and graph in one 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -82,9 +81,6 @@ def main() -> None:
     t0 = time.perf_counter()
     runners = {"ours": build_runner(model, cfg, model.model.embed_tokens.weight.dtype, 1024)}
     build_s = time.perf_counter() - t0
-    if device == "cuda":  # the same engine with bitsandbytes' dequantize + GEMM for every batch > 1
-        runners["bnb-matmul"] = build_runner(model, dataclasses.replace(cfg, nf4_kernel=False),
-                                             model.model.embed_tokens.weight.dtype, 1024)
     runner = runners["ours"]
     print(f"model {load_s:.1f} s; runner {build_s:.1f} s (capture {runner.capture_seconds:.1f} s, graphs "
           f"{runner.graph_status}); KV pool {runner.pool.nbytes / 2**30:.2f} GiB, banks "

@@ -81,8 +81,6 @@ class EngineConfig:
         kv_block_size: tokens per KV cache block.
         cuda_graphs: on CUDA, capture the decode step in CUDA graphs at start-up (checked against the eager step;
             turned off with a logged error when the check fails). Ignored on a CPU.
-        nf4_kernel: on CUDA with Triton, steps of 2–64 tokens multiply the NF4 weights with the Triton kernel of
-            ``server.model.nf4_matmul`` (reads each 4-bit weight once) instead of bitsandbytes' dequantize + GEMM.
         adapter_slots: adapters resident on the accelerator at once (preallocated LoRA banks, LRU).
         cpu_adapter_cache: adapters kept loaded in host memory (LRU) behind the accelerator slots.
         max_lora_rank: largest rank r an adapter may have; sets the width of the preallocated banks.
@@ -99,7 +97,6 @@ class EngineConfig:
     kv_cache_bytes: int = 0
     kv_block_size: int = 16
     cuda_graphs: bool = True
-    nf4_kernel: bool = True
     adapter_slots: int = 8
     cpu_adapter_cache: int = 32
     max_lora_rank: int = 64

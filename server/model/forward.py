@@ -26,10 +26,6 @@ from torch import nn
 from server.errors import FailedPrecondition
 from server.model.kv_cache import KVPool
 from server.model.lora import LoraBanks
-from server.model.nf4_matmul import MAX_TOKENS as NF4_MAX_TOKENS
-from server.model.nf4_matmul import MIN_TOKENS as NF4_MIN_TOKENS
-from server.model.nf4_matmul import NF4Weight, nf4_linear
-from server.model.nf4_matmul import available as nf4_available
 
 #: ``config.model_type`` values whose decoder layer is the Llama layer (pre-norm, rotary, GQA, gated MLP).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -85,15 +81,12 @@ class DecoderForward:
     Args:
         model: a transformers ``*ForCausalLM`` passing :func:`check_supported` (weights NF4 or plain).
         banks: LoRA banks whose module names are the model's routable linear layers.
-        nf4_kernel: on CUDA with Triton, run the NF4 projections of 2–64-token steps with
-            :mod:`server.model.nf4_matmul` (one read of the 4-bit weights) instead of bitsandbytes' dequantize +
-            dense GEMM; one token always uses bitsandbytes' fused GEMV, longer prefill chunks its GEMM.
 
     Attributes:
         layers, kv_heads, head_dim: the attention shape the KV pool must have.
     """
 
-    def __init__(self, model: nn.Module, banks: LoraBanks, nf4_kernel: bool = True) -> None:
+    def __init__(self, model: nn.Module, banks: LoraBanks) -> None:
         check_supported(model)
         config = model.config
         inner = model.model
@@ -112,28 +105,15 @@ class DecoderForward:
         # Per layer, the bank index of each of the 7 projections (-1: not routable → no LoRA term).
         self.lora_index = [[banks.index.get(f"{prefix}.{i}.{p}", -1) for p in _PROJECTIONS]
                            for i in range(self.layers)]
-        self.nf4: dict[int, NF4Weight] = {}  # id(module) → its weight in the small-batch kernel's form
-        if nf4_kernel and nf4_available(next(model.parameters()).device):
-            for layer in self.layer_modules:
-                for module in (*layer.self_attn.children(), *layer.mlp.children()):
-                    weight = NF4Weight.from_module(module)
-                    if weight is not None:
-                        self.nf4[id(module)] = weight
-
-    def _matmul(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``module(x)``, through the small-batch NF4 kernel when it serves this module and token count (a shape
-        check: the same branch every replay of a captured step)."""
-        weight = self.nf4.get(id(module))
-        if weight is not None and NF4_MIN_TOKENS <= x.numel() // x.shape[-1] <= NF4_MAX_TOKENS:
-            return nf4_linear(x, weight)
-        return module(x)
 
     def _project(self, layer: int, which: tuple[int, ...], modules: tuple[nn.Module, ...], x: torch.Tensor,
                  lora: torch.Tensor | None) -> list[torch.Tensor]:
         """Base projections of ``x`` (``[N, T, in]``) by ``modules`` (projections ``which`` of ``layer``), each plus
         its rows' LoRA term when ``lora`` (the step's gathered banks) is given. Modules sharing ``x`` whose A factors
         are adjacent in the banks are shrunk with one matmul."""
-        outs = [self._matmul(m, x) for m in modules]
+        # bitsandbytes picks its kernel by shape: the fused 4-bit GEMV for one token, dequantize + GEMM above
+        # (a Triton kernel reading the 4-bit weights once measured 5-15x slower than this; see bench/RESULTS.md).
+        outs = [m(x) for m in modules]
         if lora is None:
             return outs
         index = [self.lora_index[layer][w] for w in which]

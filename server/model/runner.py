@@ -199,7 +199,7 @@ def build_runner(model, config, lora_dtype: torch.dtype, max_total_tokens: int) 
     device = next(model.parameters()).device
     shapes = {name: (int(m.in_features), int(m.out_features)) for name, m in routable_modules(model).items()}
     banks = LoraBanks(shapes, config.adapter_slots, config.max_lora_rank, lora_dtype, device)
-    forward = DecoderForward(model, banks, nf4_kernel=config.nf4_kernel)
+    forward = DecoderForward(model, banks)
     dtype = forward.embed.weight.dtype
     per_token = bytes_per_token(forward.layers, forward.kv_heads, forward.head_dim, dtype)
     blocks = kv_cache_blocks(config.kv_cache_bytes, device, per_token, config.kv_block_size, config.max_batch_size,
