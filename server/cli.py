@@ -37,6 +37,8 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 MAX_ADAPTER_SLOTS = 4096
 MAX_BATCH_SIZE = 65536
 MAX_LORA_RANK = 65536
+MAX_PREFILL_TOKENS = 2**20
+MAX_KV_BLOCK_SIZE = 1024
 MAX_GRPC_WORKERS = 100_000
 MAX_SHUTDOWN_GRACE_S = 86400.0
 #: Exit status of ``serve`` whenever the server does not start: a bad option, a port that cannot be bound, a model
@@ -78,6 +80,16 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int_in(1, MAX_BATCH_SIZE), default=None, help="rows decoded together")
     p.add_argument("--max-lora-rank", type=int_in(1, MAX_LORA_RANK), default=None,
                    help="largest adapter rank accepted")
+    p.add_argument("--prefill-tokens", type=int_in(1, MAX_PREFILL_TOKENS), default=None,
+                   help=f"token budget of one prefill step; longer prompts are prefilled in chunks (default "
+                        f"{EngineConfig.prefill_tokens})")
+    p.add_argument("--kv-cache-bytes", type=int_in(0, INT64_MAX), default=None,
+                   help="size of the paged KV cache (bytes); 0 = auto (default): room for --max-batch-size "
+                        "full-length rows, capped at half the free GPU memory (1 GiB on a CPU)")
+    p.add_argument("--kv-block-size", type=int_in(1, MAX_KV_BLOCK_SIZE), default=None,
+                   help=f"tokens per KV cache block (default {EngineConfig.kv_block_size})")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
+                   help="capture the decode step in CUDA graphs at start-up (default on; ignored on a CPU)")
     p.add_argument("--grpc-workers", type=int_in(0, MAX_GRPC_WORKERS), default=None, help="gRPC handler threads")
     p.add_argument("--max-upload-bytes", type=int_in(1, INT64_MAX), default=None,
                    help="size cap of one adapter upload (bytes)")
@@ -201,7 +213,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.cache_dir is not None:
         model_kw["cache_dir"] = args.cache_dir
     engine_kw = {name: getattr(args, name) for name in ("adapter_slots", "cpu_adapter_cache", "max_batch_size",
-                                                        "max_lora_rank") if getattr(args, name) is not None}
+                                                        "max_lora_rank", "prefill_tokens", "kv_cache_bytes",
+                                                        "kv_block_size") if getattr(args, name) is not None}
+    if args.cuda_graphs is not None:
+        engine_kw["cuda_graphs"] = args.cuda_graphs == "on"
     if "adapter_slots" in engine_kw and "cpu_adapter_cache" not in engine_kw:
         engine_kw["cpu_adapter_cache"] = max(EngineConfig.cpu_adapter_cache, engine_kw["adapter_slots"])
     server_kw = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,

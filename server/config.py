@@ -75,9 +75,9 @@ class EngineConfig:
         prefill_chunk: most prompts prefilled together in one forward pass between decode steps.
         prefill_tokens: token budget of one prefill forward pass (rows × padded chunk length); a longer prompt is
             prefilled in chunks, so it delays the running rows by one chunk per step, not by its whole length.
-        kv_cache_bytes: size of the preallocated paged KV cache (bytes); 0 = auto: on CUDA half of the memory free
-            after the weights and banks are loaded, on a CPU enough for ``max_batch_size`` full-length rows but at
-            most 1 GiB (``server.model.kv_cache``).
+        kv_cache_bytes: size of the preallocated paged KV cache (bytes); 0 = auto: enough for ``max_batch_size``
+            full-length rows, but at most half of the memory free after the weights and banks are loaded (CUDA) or
+            1 GiB (CPU) (``server.model.runner.kv_cache_budget``).
         kv_block_size: tokens per KV cache block.
         cuda_graphs: on CUDA, capture the decode step in CUDA graphs at start-up (checked against the eager step;
             turned off with a logged error when the check fails). Ignored on a CPU.

@@ -222,10 +222,16 @@ def overview() -> dash_b.Dashboard:
                    "cache and KV cache.", "bytes",
                    [query(f"sum by (component) (qlora_server_component_memory_bytes{{{SEL}}})", "{{component}}")],
                    stack=True),
+        timeseries("KV cache blocks", "Blocks of the paged KV cache reserved by admitted requests (used) and free. "
+                   "Requests wait in the queue while too few are free.", "short",
+                   [query(f"sum by (state) (qlora_server_kv_cache_blocks{{{SEL}}})", "{{state}}")], stack=True),
         timeseries("Process memory", "Resident set size of the server process.", "bytes",
                    [query(f"process_resident_memory_bytes{{{SEL}}} and on (instance) "
                           f"qlora_server_build_info{{{SEL}}}", "{{instance}}")]),
-        table("Build", "Versions, base model and quantization settings per instance.",
+        stat("Start-up time", "Seconds the slowest selected instance spent at start-up: load (weights and "
+             "quantization) and capture (CUDA graphs and their self-check; 0 on a CPU or with graphs off).", "s",
+             query(f"max by (phase) (qlora_server_startup_seconds{{{SEL}}})", "{{phase}}"), width=12, height=8),
+        table("Build", "Versions, base model, quantization, LoRA dtype, CUDA graphs and KV cache size per instance.",
               query(f"qlora_server_build_info{{{SEL}}}", instant=True, table=True), width=12, height=8),
     ], ids)
     return d

@@ -14,7 +14,8 @@ from server.training.commands import CONFIG_FLAGS
 
 GENERATE_OPTIONS = ("max-new-tokens", "temperature", "top-p", "top-k", "repetition-penalty", "seed", "timeout")
 SERVE_OPTIONS = ("port", "metrics-port", "adapter-slots", "cpu-adapter-cache", "max-batch-size", "max-lora-rank",
-                 "grpc-workers", "max-upload-bytes", "shutdown-grace")
+                 "prefill-tokens", "kv-cache-bytes", "kv-block-size", "grpc-workers", "max-upload-bytes",
+                 "shutdown-grace")
 JOBS_OPTIONS = tuple(name.replace("_", "-") for name, typ, _ in CONFIG_FLAGS if typ not in (str, bool))
 
 #: Numbers as a user might type them: huge and tiny integers, floats of every kind, spellings argparse must refuse.
@@ -89,12 +90,33 @@ def test_jobs_create_numeric_options(address, capsys, option, value):
     ["generate", "--prompt", "x", "--timeout", "1e10"],
     ["serve", "--port", "70000"],
     ["serve", "--max-batch-size", "0"],
+    ["serve", "--prefill-tokens", "0"],
+    ["serve", "--kv-cache-bytes", "-1"],
+    ["serve", "--kv-block-size", "0"],
+    ["serve", "--kv-block-size", "4096"],
+    ["serve", "--cuda-graphs", "maybe"],
     ["jobs", "create", "--adapter-id", "a", "--dataset", "d", "--lora-alpha", "1e39"],
 ])
 def test_out_of_range_is_one_usage_line_naming_the_option(argv, capsys):
     code, err = _outcome(argv, capsys)
     option = next(a for a in argv[1:] if a.startswith("--") and a not in ("--prompt", "--adapter-id", "--dataset"))
     assert code == 2 and len(err) == 1 and f"argument {option}: " in err[0], err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], {}),
+    (["--prefill-tokens", "512", "--kv-cache-bytes", "1073741824", "--kv-block-size", "32", "--cuda-graphs", "off"],
+     {"prefill_tokens": 512, "kv_cache_bytes": 2**30, "kv_block_size": 32, "cuda_graphs": False}),
+    (["--kv-cache-bytes", "0", "--cuda-graphs", "on"], {"kv_cache_bytes": 0, "cuda_graphs": True}),
+])
+def test_serve_engine_options_reach_the_config(flags, expected):
+    from server.cli import build_parser, config_from_args
+    from server.config import EngineConfig
+
+    engine = config_from_args(build_parser().parse_args(["serve", *flags])).engine
+    defaults = EngineConfig()
+    for name in ("prefill_tokens", "kv_cache_bytes", "kv_block_size", "cuda_graphs"):
+        assert getattr(engine, name) == expected.get(name, getattr(defaults, name)), name
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), 1e10, "30"])

@@ -24,7 +24,25 @@ def test_every_server_limit_is_in_the_readme():
         f"`--max-upload-bytes` ({server.max_upload_bytes // 2**30} GiB)",
         f"{MAX_RECEIVE_MESSAGE_BYTES // 2**20} MiB per message",
         "≤ 16 non-empty `stop` strings",
+        f"`--kv-cache-bytes` ({engine.kv_cache_bytes} = auto)",
+        f"blocks of `--kv-block-size` ({engine.kv_block_size}) tokens",
+        "never fits in the whole cache: `RESOURCE_EXHAUSTED` (`max_new_tokens`)",
     ]
     for text in expected:
         assert text in README, text
     assert server.rpc_workers == engine.max_batch_size + engine.max_queue + 16
+
+
+def test_the_engine_options_are_in_the_configuration_table():
+    engine = EngineConfig()
+    rows = [
+        f"| `--prefill-tokens` | {engine.prefill_tokens} |",
+        f"| `--kv-cache-bytes` | {engine.kv_cache_bytes} |",
+        f"| `--kv-block-size` | {engine.kv_block_size} |",
+        f"| `--cuda-graphs` | `{'on' if engine.cuda_graphs else 'off'}` |",
+        f"| `--max-batch-size` | {engine.max_batch_size} |",
+        f"| `--max-lora-rank` | {engine.max_lora_rank} |",
+        f"| `--adapter-slots` | {engine.adapter_slots} |",
+    ]
+    for text in rows:
+        assert text in README, text
