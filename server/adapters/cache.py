@@ -81,8 +81,26 @@ class AdapterCache:
         return "disk"
 
     def _on_store_event(self, adapter_id: str, event: str) -> None:
-        if event not in ("replaced", "unregistered"):
+        if event in ("replaced", "unregistered"):
+            self._drop(adapter_id)
+        if event in ("registered", "replaced"):
+            self._prefetch(adapter_id)
+
+    def _prefetch(self, adapter_id: str) -> None:
+        """Start loading a just-registered version into host memory (the store hands over the tensors its
+        registration validated), so the first request for it only waits for the slot write."""
+        try:
+            key = self.current_key(adapter_id)
+        except NotFound:
             return
+        with self._lock:
+            if key in self._host or key in self._loading:
+                return
+            self._loading[key] = self._pool.submit(self._load_from_disk, key, self._generation.get(adapter_id, 0),
+                                                   True)
+
+    def _drop(self, adapter_id: str) -> None:
+        """Forget every cached version of ``adapter_id`` (replaced or unregistered)."""
         with self._lock:
             self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
             for key in [k for k in self._host if k[0] == adapter_id]:
@@ -207,13 +225,15 @@ class AdapterCache:
         empty = [s for s in candidates if self._slot_key[s] is None or self._slot_stale[s]]
         return empty[0] if empty else min(candidates, key=lambda s: self._slot_used[s])
 
-    def _load_from_disk(self, key: Key, generation: int) -> None:
+    def _load_from_disk(self, key: Key, generation: int, registered: bool = False) -> None:
+        """Load ``key`` into the host tier (background thread); ``registered``: a prefetch right after its
+        registration, which takes the tensors the registration validated when the store still has them."""
         adapter_id, version = key
         start = time.perf_counter()
         error: ServerError | None = None
         adapter = None
         try:
-            adapter = self.store.load(adapter_id)
+            adapter = (self.store.take_registered(adapter_id) if registered else None) or self.store.load(adapter_id)
         except ServerError as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - reported to the waiting request, never lost

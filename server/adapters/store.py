@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,8 @@ from server.adapters.validation import (
 from server.config import ADAPTER_ID_RE
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServerError
 
+#: Registrations whose validated tensors are kept for the first load (the adapter cache's prefetch).
+FRESH_KEEP = 4
 log = logging.getLogger(__name__)
 
 META_FILE = "qlora_server.json"
@@ -110,6 +113,9 @@ class AdapterStore:
         self._write_lock = threading.Lock()  # serializes changes and their file I/O; readers never take it
         self._infos: dict[str, AdapterInfo] = {}
         self._listeners: list[Listener] = []
+        # The tensors a registration just validated, handed to the first load of that version (no second read of
+        # the files); at most FRESH_KEEP of them, oldest dropped first.
+        self._fresh: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover()
         self._last_version = self._read_last_version()
@@ -183,6 +189,15 @@ class AdapterStore:
                                      f"(sha256 {loaded.info.sha256[:12]}… != {info.sha256[:12]}…)",
                                      field="adapter_id")
         return LoadedAdapter(info=info, modules=loaded.modules)
+
+    def take_registered(self, adapter_id: str) -> LoadedAdapter | None:
+        """The tensors the adapter's current version was validated with at registration, once (later calls, and
+        versions already superseded or dropped to keep at most ``FRESH_KEEP``, give None). Lets the adapter cache
+        warm its host tier after a registration without reading and validating the files a second time."""
+        with self._lock:
+            fresh = self._fresh.pop(adapter_id, None)
+            current = self._infos.get(adapter_id)
+        return fresh if fresh is not None and fresh.info == current else None
 
     def subscribe(self, callback: Listener) -> Callable[[], None]:
         """Call ``callback(adapter_id, event)`` after every change (event: ``"registered"``, ``"replaced"`` or
@@ -273,6 +288,7 @@ class AdapterStore:
             os.rename(dest, old)
             with self._lock:
                 self._infos.pop(adapter_id, None)
+                self._fresh.pop(adapter_id, None)
         shutil.rmtree(old, ignore_errors=True)
         self._notify(adapter_id, "unregistered")
 
@@ -327,6 +343,10 @@ class AdapterStore:
                     raise
                 with self._lock:
                     self._infos[adapter_id] = info
+                    self._fresh.pop(adapter_id, None)
+                    self._fresh[adapter_id] = LoadedAdapter(info=info, modules=loaded.modules)
+                    while len(self._fresh) > FRESH_KEEP:
+                        self._fresh.popitem(last=False)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             try:

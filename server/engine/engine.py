@@ -160,6 +160,7 @@ class Engine:
         self._dead = False
         self._failure_listeners: list = []
         self._thread: threading.Thread | None = None
+        self._update_kv_gauges()
 
     @staticmethod
     def _eos_ids(model, tokenizer) -> set[int]:

@@ -91,6 +91,10 @@ class ModelRunner:
         max_batch_size: most rows in a decode step.
         max_blocks: most blocks one sequence holds (``ceil(max_total_tokens / block_size)``).
         graphs: captured decode graphs (CUDA) or None for the eager path.
+
+    Attributes:
+        graph_status: ``"on"``, ``"off"`` (CPU, or disabled) or why graphs are off (failed self-check).
+        capture_seconds: wall time of the graph capture and its self-check at start-up (seconds; 0 without graphs).
     """
 
     def __init__(self, forward: DecoderForward, pool: KVPool, banks: LoraBanks, max_batch_size: int,

@@ -463,3 +463,51 @@ def _load_outcome(store):
         return store.load("a")
     except FailedPrecondition as exc:
         return exc
+
+
+# --- cold load: a registration warms the host tier with the tensors it validated --------------------------------
+
+def test_a_registration_hands_its_validated_tensors_to_the_cache(tmp_path, spec, variants, monkeypatch):
+    """After a registration the cache holds the adapter in host memory without reading its files again, and the
+    first request only waits for the slot write; a replace hands over the new version, never the old one."""
+    store = AdapterStore(tmp_path / "store", spec)
+    banks = FakeRouter(2)
+    cache = AdapterCache(store, banks, host_capacity=4, metrics=Metrics())
+    opened: list[str] = []
+    real_open = store_module.os.open
+
+    def counting_open(path, flags, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real_open(path, flags, *args, **kwargs)
+
+    store.register("a", variants["w1"])
+    monkeypatch.setattr(store_module.os, "open", counting_open)
+    wait_until(lambda: cache.residency("a") == "cpu", "the prefetch into host memory")
+    slot = cache.acquire(cache.current_key("a"))
+    assert slot is not None and opened.count(validation.WEIGHTS_FILE) == 0
+    assert banks.content[slot][3] == store.get("a").version
+    cache.release(slot)
+    monkeypatch.undo()
+    new = store.register("a", variants["w1_alpha32"], replace=True)
+    wait_until(lambda: cache.residency("a") == "cpu", "the replaced version's prefetch")
+    slot = cache.acquire(cache.current_key("a"))
+    assert banks.content[slot][3] == new.version and banks.content[slot][2] == 32 / R  # alpha 32, not 8
+    cache.release(slot)
+    cache.close()
+
+
+def test_take_registered_gives_the_current_version_once(tmp_path, spec, variants):
+    store = AdapterStore(tmp_path / "store", spec)
+    info = store.register("a", variants["w1"])
+    taken = store.take_registered("a")
+    assert taken is not None and taken.info == info and store.take_registered("a") is None
+    store.register("b", variants["w1"])
+    store.register("b", variants["w2"], replace=True)
+    assert store.take_registered("b").info == store.get("b")  # the replacing version's tensors
+    store.register("c", variants["w1"])
+    store.unregister("c")
+    assert store.take_registered("c") is None
+    for i in range(store_module.FRESH_KEEP + 1):
+        store.register(f"n{i}", variants["w1"])
+    assert store.take_registered("n0") is None  # only the newest FRESH_KEEP are kept
+    assert store.take_registered(f"n{store_module.FRESH_KEEP}") is not None
