@@ -426,8 +426,8 @@ class Engine:
         chunks = plan_chunks([len(s.prompt_ids) - s.computed for s in self._prefilling],
                              self.config.prefill_tokens, self.config.prefill_chunk)
         batch = self._prefilling[:len(chunks)]
-        rows = [StepRow(tuple(s.prompt_ids[s.computed:s.computed + c]), s.computed, tuple(s.blocks), s.slot)
-                for s, c in zip(batch, chunks)]
+        rows = [StepRow(tuple(s.prompt_ids[s.computed:s.computed + c]), s.computed, self._table(s, s.computed + c),
+                        s.slot) for s, c in zip(batch, chunks)]
         complete = [s.computed + c == len(s.prompt_ids) for s, c in zip(batch, chunks)]
         start = time.monotonic()
         try:
@@ -457,8 +457,8 @@ class Engine:
         rows = self._running
         start = time.monotonic()
         try:
-            steps = [StepRow((s.generated[-1],), len(s.prompt_ids) + len(s.generated) - 1, tuple(s.blocks), s.slot)
-                     for s in rows]
+            steps = [StepRow((s.generated[-1],), n - 1, self._table(s, n), s.slot)
+                     for s, n in ((s, len(s.prompt_ids) + len(s.generated)) for s in rows)]
             tokens = self._sample(self.runner.decode(steps), rows)
         except Exception as exc:  # noqa: BLE001 - ends the running batch only
             log.exception("decode step failed")
@@ -471,6 +471,11 @@ class Engine:
         self.metrics.batch_size.observe(len(rows))
         self._accept_all(rows, tokens)
         self._drop_finished()
+
+    def _table(self, seq: _Sequence, tokens: int) -> tuple[int, ...]:
+        """The part of ``seq``'s block table that holds its first ``tokens`` tokens: attention reads (and a graph
+        bucket is chosen by) the context so far, not by everything reserved for the request."""
+        return tuple(seq.blocks[:blocks_needed(tokens, self.block_size)])
 
     def _sample(self, logits, seqs: list[_Sequence]) -> list[int | ServerError]:
         """One token (or the row's error) per sequence: batched on the logits' device, one host sync."""
