@@ -13,7 +13,9 @@ H query heads in H_kv groups of G = H / H_kv (grouped-query attention), head dim
     then row n's query at position p attends keys 0 … p of its own context, read through its block table:
     attn = softmax(q Kᵀ · D^-1/2 + mask) V, mask = 0 where key j <= p and j < context_len[n], else -inf
 
-Softmax runs in float32 (as transformers' eager attention does); matmuls in the compute dtype.
+Prefill chunks (T > 1) use PyTorch's ``scaled_dot_product_attention`` with that mask (its fused kernels skip masked
+blocks and never materialize the ``[T, L]`` scores); the decode step (T = 1, the captured one) multiplies the G
+queries of a group against the gathered keys directly, with the softmax in float32 as transformers' eager attention.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from server.errors import FailedPrecondition
 from server.model.kv_cache import KVPool
@@ -146,11 +149,12 @@ class DecoderForward:
         key_pos = torch.arange(ctx, device=hidden.device)
         allowed = (key_pos[None, None, :] <= inp.positions[:, :, None]) & (
             key_pos[None, None, :] < inp.context_lens[:, None, None])  # [N, T, L]
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=hidden.device).masked_fill(~allowed, float("-inf"))
         groups = self.heads // self.kv_heads
         lora = self.banks.gather(inp.lora_slots) if use_lora else None  # [N, total]: the rows' own adapters
-        # [N, 1, G·T, L]: the same mask for every group member (query row g·T + t), broadcast over KV heads.
-        bias = bias[:, None, None].expand(n, 1, groups, t, ctx).reshape(n, 1, groups * t, ctx)
+        bias = None
+        if t == 1:  # decode: [N, 1, G, L], the same additive mask for every group member, over KV heads
+            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=hidden.device).masked_fill(
+                ~allowed, float("-inf"))[:, None].expand(n, 1, groups, ctx)
         write = inp.write_rows.reshape(-1)
         read = token_rows.reshape(-1)
         for l, layer in enumerate(self.layer_modules):
@@ -166,15 +170,21 @@ class DecoderForward:
             pool.values[l].index_copy_(0, write, v.reshape(n * t, self.kv_heads, self.head_dim).to(pool.values[l].dtype))
             keys = pool.keys[l].index_select(0, read).view(n, ctx, self.kv_heads, self.head_dim)
             values = pool.values[l].index_select(0, read).view(n, ctx, self.kv_heads, self.head_dim)
-            # Group members folded into the query length: [N, H_kv, G·T, D] against [N, H_kv, D, L], so K and V
-            # are never copied per group member.
-            qg = q.view(n, t, self.kv_heads, groups, self.head_dim).permute(0, 2, 3, 1, 4).reshape(
-                n, self.kv_heads, groups * t, self.head_dim)
-            scores = torch.matmul(qg, keys.permute(0, 2, 3, 1).to(qg.dtype)).float() * self.scaling + bias
-            probs = torch.softmax(scores, dim=-1).to(qg.dtype)
-            out = torch.matmul(probs, values.permute(0, 2, 1, 3).to(qg.dtype))  # [N, H_kv, G·T, D]
-            out = out.view(n, self.kv_heads, groups, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(
-                n, t, self.heads * self.head_dim)
+            if t > 1:  # prefill: the library's fused attention (skips work on masked blocks, no [T, L] scores)
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+                    attn_mask=allowed[:, None], scale=self.scaling, enable_gqa=True)
+                out = out.transpose(1, 2).reshape(n, t, self.heads * self.head_dim)
+            else:
+                # Group members folded into the query length: [N, H_kv, G·T, D] against [N, H_kv, D, L], so K and V
+                # are never copied per group member.
+                qg = q.view(n, t, self.kv_heads, groups, self.head_dim).permute(0, 2, 3, 1, 4).reshape(
+                    n, self.kv_heads, groups * t, self.head_dim)
+                scores = torch.matmul(qg, keys.permute(0, 2, 3, 1).to(qg.dtype)).float() * self.scaling + bias
+                probs = torch.softmax(scores, dim=-1).to(qg.dtype)
+                out = torch.matmul(probs, values.permute(0, 2, 1, 3).to(qg.dtype))  # [N, H_kv, G·T, D]
+                out = out.view(n, self.kv_heads, groups, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(
+                    n, t, self.heads * self.head_dim)
             hidden = hidden + self._project(l, (3,), (attn.o_proj,), out, lora)[0]
             x = layer.post_attention_layernorm(hidden)
             gate, up = self._project(l, (4, 5), (mlp.gate_proj, mlp.up_proj), x, lora)
