@@ -212,7 +212,8 @@ class Engine:
             InvalidArgument: bad sampling field, neither or both of prompt / messages, duplicate request id.
             NotFound: ``adapter_id`` is not registered (field ``adapter_id``).
             ResourceExhausted: the queue is full, the prompt leaves no room to generate, or the request needs more
-                KV cache blocks than the whole cache holds (field ``max_new_tokens``).
+                KV cache blocks than the whole cache holds (field ``prompt`` when the prompt alone does not fit,
+                else ``max_new_tokens``).
             Unavailable: the engine was stopped or its loop thread died.
         """
         if not self.alive:
@@ -223,11 +224,14 @@ class Engine:
             raise ResourceExhausted(f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_total_tokens - 1}",
                                     field="prompt")
         tokens = min(len(prompt_ids) + request.params.max_new_tokens, self.max_total_tokens)
+        holds = self.allocator.capacity * self.block_size
+        if blocks_needed(len(prompt_ids) + 1, self.block_size) > self.allocator.capacity:
+            raise ResourceExhausted(f"the prompt ({len(prompt_ids)} tokens) and one new token do not fit the whole KV "
+                                    f"cache ({holds} tokens; raise --kv-cache-bytes)", field="prompt")
         if blocks_needed(tokens, self.block_size) > self.allocator.capacity:
             raise ResourceExhausted(
-                f"prompt + max_new_tokens need {tokens} tokens of KV cache; the whole cache holds "
-                f"{self.allocator.capacity * self.block_size} (raise --kv-cache-bytes or lower max_new_tokens)",
-                field="max_new_tokens")
+                f"prompt + max_new_tokens need {tokens} tokens of KV cache; the whole cache holds {holds} (raise "
+                "--kv-cache-bytes or lower max_new_tokens)", field="max_new_tokens")
         if request.adapter_id:
             self.cache.current_key(request.adapter_id)  # NotFound now, not after queueing
         request_id = request.request_id or f"req-{next(self._ids)}"

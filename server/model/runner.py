@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.errors import FailedPrecondition
 from server.model.forward import DecoderForward, StepInputs
 from server.model.kv_cache import KVPool
 from server.model.lora import LoraBanks
@@ -164,20 +165,38 @@ def kv_cache_blocks(requested_bytes: int, device: torch.device, per_token: int, 
                     max_batch_size: int, max_total_tokens: int) -> int:
     """Blocks of the KV pool (the scratch block included).
 
-    ``requested_bytes`` when set (``blocks = bytes // (block_size · per_token)``); else (auto) enough for
-    ``max_batch_size`` rows of ``max_total_tokens`` tokens plus the scratch block, capped at half the free
-    accelerator memory (CUDA) or 1 GiB (CPU). ``per_token`` is :func:`server.model.kv_cache.bytes_per_token`.
+    ``requested_bytes`` when set (``blocks = bytes // (block_size · per_token)``, at least 2); else (auto) enough
+    for ``max_batch_size`` rows of ``max_total_tokens`` tokens plus the scratch block, capped at half the free
+    accelerator memory (CUDA) or at 1 GiB and half the available host memory (CPU). ``per_token`` is
+    :func:`server.model.kv_cache.bytes_per_token`.
+
+    Raises:
+        FailedPrecondition: the requested cache exceeds 90 % of the available memory (field ``kv_cache_bytes``).
     """
     from server.model.kv_cache import blocks_for
 
+    available = _available_bytes(device)
     if requested_bytes:
-        return blocks_for(requested_bytes, block_size, per_token)
+        blocks = blocks_for(requested_bytes, block_size, per_token)
+        need = blocks * block_size * per_token
+        if need > 0.9 * available:
+            raise FailedPrecondition(
+                f"a KV cache of {need / 2**30:.2f} GiB does not fit: {available / 2**30:.2f} GiB of "
+                f"{'accelerator' if device.type == 'cuda' else 'host'} memory is available (0 = auto sizing)",
+                field="kv_cache_bytes")
+        return blocks
     full = max_batch_size * math.ceil(max_total_tokens / block_size) + 1
-    if device.type == "cuda":
-        cap = torch.cuda.mem_get_info(device)[0] // 2
-    else:
-        cap = 1 << 30
+    cap = available // 2 if device.type == "cuda" else min(1 << 30, available // 2)
     return min(full, blocks_for(cap, block_size, per_token))
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Free accelerator memory (CUDA) or available host memory (CPU), in bytes."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def build_runner(model, config, lora_dtype: torch.dtype, max_total_tokens: int) -> ModelRunner:

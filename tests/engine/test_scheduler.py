@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from server.engine.scheduler import BlockAllocator, blocks_needed, plan_chunks
 from server.engine.types import GenerationRequest, SamplingParams
-from server.errors import ResourceExhausted
+from server.errors import FailedPrecondition, ResourceExhausted
 from server.model.kv_cache import SCRATCH_BLOCK, bytes_per_token
 from tests.engine_harness import build_engine
 from tests.tiny import save_tiny_base
@@ -85,5 +85,17 @@ def test_a_full_cache_makes_requests_wait_and_corrupts_nobody(tmp_path, base):
         with pytest.raises(ResourceExhausted) as err:  # more than the whole cache: refused at once
             eng.submit(_req(9, n=4 * per_request * block))
         assert err.value.field == "max_new_tokens"
+        with pytest.raises(ResourceExhausted) as err:  # the prompt alone does not fit: its field, not the other
+            eng.submit(_req(9, n=1, prompt="x" * (2 * per_request * block)))
+        assert err.value.field == "prompt"
     finally:
         eng.stop()
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_naming_the_field():
+    from server.model.runner import kv_cache_blocks
+
+    with pytest.raises(FailedPrecondition) as err:
+        kv_cache_blocks(1 << 60, torch.device("cpu"), 1024, 16, 4, 128)
+    assert err.value.field == "kv_cache_bytes"
+    assert kv_cache_blocks(1, torch.device("cpu"), 1024, 16, 4, 128) == 2  # the scratch block and one more

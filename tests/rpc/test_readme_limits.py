@@ -26,7 +26,7 @@ def test_every_server_limit_is_in_the_readme():
         "≤ 16 non-empty `stop` strings",
         f"`--kv-cache-bytes` ({engine.kv_cache_bytes} = auto)",
         f"blocks of `--kv-block-size` ({engine.kv_block_size}) tokens",
-        "never fits in the whole cache: `RESOURCE_EXHAUSTED` (`max_new_tokens`)",
+        "never fits in the whole cache: `RESOURCE_EXHAUSTED` (`max_new_tokens`; `prompt` when the prompt alone does not fit)",
     ]
     for text in expected:
         assert text in README, text
