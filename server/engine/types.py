@@ -57,7 +57,8 @@ class SamplingParams:
         if self.top_k < 0:
             raise InvalidArgument(f"must be >= 0, got {self.top_k}", field="top_k")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise InvalidArgument(f"must be > 0, got {self.repetition_penalty}", field="repetition_penalty")
+            raise InvalidArgument(f"must be a finite number > 0, got {self.repetition_penalty}",
+                                  field="repetition_penalty")
         if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
             raise InvalidArgument(f"must be in 0..{SEED_MAX}, got {self.seed}", field="seed")
         if any(not s for s in self.stop):
