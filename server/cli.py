@@ -97,6 +97,12 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help=f"seconds in-flight RPCs get at shutdown (default {DEFAULT_SHUTDOWN_GRACE:g})")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain text")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs (off by default)")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="JSON/YAML file of API-key hashes and roles (README: Security); reloaded on SIGHUP; "
+                        "default: no keys, every RPC open")
+    p.add_argument("--allowed-path", type=Path, action="append", default=[], metavar="DIR",
+                   help="a root RegisterAdapter and CreateTrainingJob may read server paths under (repeatable); "
+                        "default: any path without keys, none (upload only) with --api-keys-file")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -105,6 +111,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
                    help=f"server address HOST:PORT (default {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
                    help="deadline of each call (seconds)")
+    p.add_argument("--api-key", default=None, help="API key, sent as 'authorization: Bearer KEY' metadata")
 
 
 def add_generate_command(sub: argparse._SubParsersAction) -> None:
@@ -165,6 +172,37 @@ def add_adapters_command(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_cmd_adapters_upload)
 
 
+def add_keys_command(sub: argparse._SubParsersAction) -> None:
+    """``keys hash|generate``: make the entries of ``--api-keys-file``."""
+    p = sub.add_parser("keys", help="API-key helpers", description="Make entries of the --api-keys-file.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("hash", help="print the sha256 of a key read from stdin (one line)")
+    a.set_defaults(func=_cmd_keys_hash)
+    a = actions.add_parser("generate", help="print a new random key and its sha256")
+    a.set_defaults(func=_cmd_keys_generate)
+
+
+def _cmd_keys_hash(args: argparse.Namespace) -> int:
+    from server.auth import hash_key
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("qlora-server: error: no key on stdin", file=sys.stderr, flush=True)
+        return 1
+    print(hash_key(key), flush=True)
+    return 0
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    import secrets
+
+    from server.auth import hash_key
+
+    key = secrets.token_urlsafe(32)
+    print(json.dumps({"key": key, "sha256": hash_key(key)}), flush=True)
+    return 0
+
+
 #: Sub-command registrars, in help order (``train`` and ``jobs`` live in server/training/commands.py).
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_serve_command,
@@ -172,6 +210,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_adapters_command,
     add_train_command,
     add_jobs_command,
+    add_keys_command,
 )
 
 
@@ -221,7 +260,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         engine_kw["cpu_adapter_cache"] = max(EngineConfig.cpu_adapter_cache, engine_kw["adapter_slots"])
     server_kw = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
                  "adapters_dir": args.adapters_dir, "log_json": args.log_json,
-                 "log_prompts": args.log_prompts}
+                 "log_prompts": args.log_prompts, "api_keys_file": args.api_keys_file,
+                 "allowed_paths": tuple(args.allowed_path)}
     for name in ("state_dir", "grpc_workers", "max_upload_bytes"):
         if getattr(args, name) is not None:
             server_kw[name] = getattr(args, name)
@@ -344,8 +384,15 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
     log = logging.getLogger("qlora_server")
     metrics = Metrics(config.engine.top_adapter_labels)
     httpd = grpc_server = app = None
+    restore_hup = None
     try:
-        grpc_server, port = bind_grpc_server(config.host, config.port, workers=config.rpc_workers, metrics=metrics)
+        keys = _load_security(config)
+        if keys is not None and threading.current_thread() is threading.main_thread():
+            from server.auth import reload_on_sighup
+
+            restore_hup = reload_on_sighup(keys)
+        grpc_server, port = bind_grpc_server(config.host, config.port, workers=config.rpc_workers, metrics=metrics,
+                                             keys=keys)
         httpd, metrics_note = _start_metrics_endpoint(config, metrics.registry)
         address = format_address(config.host, port)
         log.info("bound %s (%s); loading base model %s", address, metrics_note, config.model.model)
@@ -353,8 +400,10 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
         health = new_health_servicer()
         training = getattr(app, "training", None)  # the TrainingManager; absent in apps that do not train
         add_services(grpc_server, app, health_servicer=health,
-                     training_servicer=None if training is None else TrainingServicer(training))
+                     training_servicer=None if training is None else TrainingServicer(training, config.allowed_paths))
     except BaseException as exc:
+        if restore_hup is not None:
+            restore_hup()
         if grpc_server is not None:
             grpc_server.stop(None)
         _close_httpd(httpd)
@@ -367,6 +416,8 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
             return _startup_error(exc)
         raise  # KeyboardInterrupt (a second Ctrl-C), SystemExit
     if stop.is_set():  # SIGTERM / SIGINT while the model loaded
+        if restore_hup is not None:
+            restore_hup()
         log.info("stopped before serving")
         grpc_server.stop(None)
         app.close()
@@ -388,7 +439,26 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
         grpc_server.stop(grace_seconds).wait()
         app.close()
         _close_httpd(httpd)
+        if restore_hup is not None:
+            restore_hup()
     return 0
+
+
+def _load_security(config: ServerConfig):
+    """The :class:`server.auth.KeyStore` of ``--api-keys-file`` (None without one), after checking every
+    ``--allowed-path`` is a directory. Raises FailedPrecondition (``api_keys_file`` / ``allowed_path``)."""
+    from server.errors import FailedPrecondition
+
+    for root in config.allowed_paths:
+        if not Path(root).is_dir():
+            raise FailedPrecondition(f"{root} is not a directory", field="allowed_path")
+    if config.api_keys_file is None:
+        return None
+    from server.auth import KeyStore
+
+    keys = KeyStore(config.api_keys_file)
+    logging.getLogger("qlora_server").info("API keys on: %d keys from %s", len(keys), config.api_keys_file)
+    return keys
 
 
 def _startup_error(exc: Exception) -> int:
@@ -440,7 +510,7 @@ def _client_command(fn: Callable[..., None]) -> Callable[[argparse.Namespace], i
         from server.rpc.client import Client, ClientError
 
         try:
-            with Client(args.target, timeout=args.timeout) as client:
+            with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
                 fn(client, args)
         except ClientError as exc:
             print(one_line(f"error: {exc.code}: {exc.message}"), file=sys.stderr, flush=True)

@@ -129,6 +129,9 @@ class ServerConfig:
             is what callers hit first.
         log_json: write request logs as JSON lines instead of plain text.
         log_prompts: include prompt text in request logs (off by default).
+        api_keys_file: JSON/YAML keys file (``server.auth``); None = auth off (every RPC open).
+        allowed_paths: roots RegisterAdapter and CreateTrainingJob may read server paths under; empty = any path
+            when auth is off, none (upload only) when it is on.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +145,8 @@ class ServerConfig:
     grpc_workers: int = 0
     log_json: bool = False
     log_prompts: bool = False
+    api_keys_file: Path | None = None
+    allowed_paths: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")

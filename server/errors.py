@@ -60,3 +60,15 @@ class Unavailable(ServerError):
     another replica, may succeed."""
 
     code = "UNAVAILABLE"
+
+
+class Unauthenticated(ServerError):
+    """No API key, or one the keys file does not list (auth on)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServerError):
+    """The key's role may not call this RPC, or a server path lies outside the allowed roots."""
+
+    code = "PERMISSION_DENIED"

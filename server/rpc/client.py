@@ -40,17 +40,19 @@ class Client:
     """Blocking client over one insecure channel to ``target`` (``host:port``).
 
     ``timeout`` is every call's deadline in seconds (None = none; at most ``MAX_TIMEOUT_S``, else
-    :class:`ClientError` INVALID_ARGUMENT). Every method raises :class:`ClientError` when the RPC fails, or with
+    :class:`ClientError` INVALID_ARGUMENT). ``api_key`` (optional) goes with every call as ``authorization: Bearer
+    <key>`` metadata. Every method raises :class:`ClientError` when the RPC fails, or with
     INVALID_ARGUMENT naming the field when a value does not fit the wire (e.g. ``max_new_tokens`` past int32).
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, target: str, timeout: float | None = None) -> None:
+    def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None) -> None:
         if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_S):
             raise ClientError("INVALID_ARGUMENT", f"timeout: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
                                                   f"got {timeout!r}")
         self._channel = grpc.insecure_channel(target)
         self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._generation = pb_grpc.GenerationStub(self._channel)
         self._adapters = pb_grpc.AdaptersStub(self._channel)
         self._training = pb_grpc.TrainingStub(self._channel)
@@ -67,7 +69,7 @@ class Client:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self._timeout)
+            return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise ClientError.from_rpc_error(err) from None
 
@@ -77,7 +79,8 @@ class Client:
 
     def generate_stream(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
         """Yield the answer's events; the last has ``finished`` set. Closing the iterator early cancels the RPC."""
-        call = self._generation.GenerateStream(_request_proto(request), timeout=self._timeout)
+        call = self._generation.GenerateStream(_request_proto(request), timeout=self._timeout,
+                                               metadata=self._metadata)
         try:
             for msg in call:
                 yield convert.stream_event_from_proto(msg)
@@ -146,7 +149,8 @@ class Client:
     def watch_training_job(self, job_id: str) -> Iterator[JobEvent]:
         """Yield the job's events (its current state first) until a terminal state. Closing the iterator early
         cancels the RPC."""
-        call = self._training.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job_id), timeout=self._timeout)
+        call = self._training.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id=job_id), timeout=self._timeout,
+                                               metadata=self._metadata)
         try:
             for msg in call:
                 yield training_convert.job_event_from_proto(msg)

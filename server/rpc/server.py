@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from server.errors import FailedPrecondition
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
+from server.rpc.auth import AuthInterceptor
 from server.rpc.interceptor import StatusInterceptor
 from server.rpc.service import AdaptersServicer, GenerationServicer
 
@@ -37,7 +38,7 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[grpc.Server, int]:
+def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None) -> tuple[grpc.Server, int]:
     """Create the thread-pool gRPC server and bind ``host:port`` now, before any service exists, so a port clash
     is reported at once (``serve`` calls this before it loads the base model). Register services with
     :func:`add_services`, then call ``server.start()``.
@@ -47,6 +48,8 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[gr
         port: TCP port; 0 picks a free one.
         workers: RPC handler threads, which is also the cap on concurrent RPCs.
         metrics: the :class:`server.metrics.Metrics` the :class:`StatusInterceptor` counts RPCs in.
+        keys: a :class:`server.auth.KeyStore` to require API keys (:class:`server.rpc.auth.AuthInterceptor`,
+            inside the status interceptor); None = auth off.
 
     Returns:
         ``(server, bound_port)``.
@@ -62,7 +65,7 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[gr
             raise FailedPrecondition(f"cannot bind {address}: {taken}", field="port")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=[StatusInterceptor(metrics)],
+        interceptors=[StatusInterceptor(metrics)] + ([] if keys is None else [AuthInterceptor(keys)]),
         # Each RPC holds a handler thread while it waits for the engine: past that many, refuse at once
         # (RESOURCE_EXHAUSTED) rather than queue without bound inside gRPC.
         maximum_concurrent_rpcs=workers,
@@ -142,7 +145,8 @@ def add_services(server: grpc.Server, app, *, health_servicer: health.HealthServ
 
 
 def build_grpc_server(app, host: str, port: int, *, health_servicer: health.HealthServicer | None = None,
-                      training_servicer: pb_grpc.TrainingServicer | None = None) -> tuple[grpc.Server, int]:
+                      training_servicer: pb_grpc.TrainingServicer | None = None,
+                      keys=None) -> tuple[grpc.Server, int]:
     """Build (not start) the thread-pool gRPC server of ``app`` and bind it: :func:`bind_grpc_server` with
     ``app.config.rpc_workers`` threads counting into ``app.metrics``, then :func:`add_services`.
 
@@ -155,6 +159,6 @@ def build_grpc_server(app, host: str, port: int, *, health_servicer: health.Heal
     Raises:
         FailedPrecondition: (field ``port``) the address cannot be bound, e.g. the port is in use.
     """
-    server, bound = bind_grpc_server(host, port, workers=app.config.rpc_workers, metrics=app.metrics)
+    server, bound = bind_grpc_server(host, port, workers=app.config.rpc_workers, metrics=app.metrics, keys=keys)
     add_services(server, app, health_servicer=health_servicer, training_servicer=training_servicer)
     return server, bound

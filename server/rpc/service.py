@@ -11,6 +11,7 @@ from typing import BinaryIO, Iterator
 
 import grpc
 
+from server.auth import check_path, require_adapter, visible
 from server.config import ADAPTER_ID_RE
 from server.engine.types import GenerationResult, Timings
 from server.errors import (
@@ -23,6 +24,7 @@ from server.errors import (
     ServerError,
 )
 from server.rpc import convert
+from server.rpc.auth import current_principal
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
 from server.rpc.interceptor import DeadlineClock, client_time_remaining
@@ -71,6 +73,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         """Submit ``request``; returns the engine's stream and the RPC's :class:`DeadlineClock`."""
         clock = DeadlineClock(context)
+        if request.adapter_id:
+            require_adapter(current_principal(), request.adapter_id)
         req = convert.generation_request_from_proto(
             request, default_request_id=new_request_id(),
             max_new_tokens_limit=self._app.config.engine.max_new_tokens, deadline=monotonic_deadline(context))
@@ -153,24 +157,29 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context: grpc.ServicerContext) -> pb.Adapter:
         """Register the adapter in ``request.path`` (a directory on the server). Raises InvalidArgument (field
         ``path``) when the path is empty."""
+        principal = current_principal()
+        require_adapter(principal, request.adapter_id)
         if not request.path:
             raise InvalidArgument("must name a directory on the server", field="path")
-        return self._to_proto(self._app.store.register(request.adapter_id, Path(request.path), request.replace))
+        path = check_path(request.path, self._app.config.allowed_paths, enforce=principal is not None, field="path")
+        return self._to_proto(self._app.store.register(request.adapter_id, path, request.replace))
 
     def UnregisterAdapter(self, request: pb.UnregisterAdapterRequest,
                           context: grpc.ServicerContext) -> pb.UnregisterAdapterResponse:
         """Remove the adapter (NOT_FOUND when unknown)."""
+        require_adapter(current_principal(), request.adapter_id)
         self._app.store.unregister(request.adapter_id)
         return pb.UnregisterAdapterResponse()
 
     def ListAdapters(self, request: pb.ListAdaptersRequest,
                      context: grpc.ServicerContext) -> pb.ListAdaptersResponse:
         """Every registered adapter, ordered by id."""
-        infos = sorted(self._app.store.list(), key=lambda i: i.adapter_id)
+        infos = sorted(visible(current_principal(), self._app.store.list()), key=lambda i: i.adapter_id)
         return pb.ListAdaptersResponse(adapters=[self._to_proto(i) for i in infos])
 
     def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.ServicerContext) -> pb.Adapter:
         """One adapter (NOT_FOUND when unknown)."""
+        require_adapter(current_principal(), request.adapter_id)
         return self._to_proto(self._app.store.get(request.adapter_id))
 
     def UploadAdapter(self, request_iterator: Iterator[pb.UploadAdapterRequest],
@@ -245,6 +254,7 @@ def _check_header(header: pb.UploadHeader, cap: int, store) -> None:
     if not ADAPTER_ID_RE.match(header.adapter_id):
         raise InvalidArgument(f"must match {ADAPTER_ID_RE.pattern}, got {header.adapter_id!r}",
                               field="header.adapter_id")
+    require_adapter(current_principal(), header.adapter_id, field="header.adapter_id")
     if header.HasField("total_bytes"):
         if header.total_bytes < 0:
             raise InvalidArgument("must be >= 0", field="header.total_bytes")

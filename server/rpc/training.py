@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterator, Mapping
 
 import grpc
 
 from server.argtypes import FLOAT32_MAX  # the wire type of TrainingConfig's float fields
+from server.auth import check_path, require_adapter, require_job, visible
 from server.errors import InvalidArgument
 from server.rpc.convert import _f32  # float32 wire value -> the shortest decimal that rounds to it
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
+from server.rpc.auth import current_principal
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
 from server.training.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobEvent, JobRequest
 
@@ -161,35 +164,48 @@ class TrainingServicer(pb_grpc.TrainingServicer):
     NOT_FOUND (unknown job id), FAILED_PRECONDITION (cancelling a finished job), CANCELLED (server shutting down).
     """
 
-    def __init__(self, manager) -> None:
+    def __init__(self, manager, allowed_paths: tuple = ()) -> None:
         self._manager = manager
+        self._allowed_paths = tuple(allowed_paths)  # roots dataset paths must lie under (see server.auth.check_path)
+
+    def _job(self, job_id: str):
+        """The job, NOT_FOUND (as for an unknown id) when it is outside the caller's scope."""
+        _require_job_id(job_id)
+        return require_job(current_principal(), self._manager.get(job_id))
 
     def CreateTrainingJob(self, request: pb.CreateTrainingJobRequest,
                           context: grpc.ServicerContext) -> pb.TrainingJob:
         """Validate and queue a job; returns it (state QUEUED)."""
-        return job_to_proto(self._manager.create(job_request_from_proto(request)))
+        principal = current_principal()
+        require_adapter(principal, request.adapter_id)
+        job_request = job_request_from_proto(request)
+        if job_request.dataset_path and (self._allowed_paths or principal is not None):
+            path = check_path(job_request.dataset_path, self._allowed_paths, enforce=principal is not None,
+                              field="dataset_path")
+            job_request = dataclasses.replace(job_request, dataset_path=str(path))
+        return job_to_proto(self._manager.create(job_request))
 
     def GetTrainingJob(self, request: pb.GetTrainingJobRequest, context: grpc.ServicerContext) -> pb.TrainingJob:
         """One job."""
-        _require_job_id(request.job_id)
-        return job_to_proto(self._manager.get(request.job_id))
+        return job_to_proto(self._job(request.job_id))
 
     def ListTrainingJobs(self, request: pb.ListTrainingJobsRequest,
                          context: grpc.ServicerContext) -> pb.ListTrainingJobsResponse:
         """Every job, newest first."""
-        return pb.ListTrainingJobsResponse(jobs=[job_to_proto(j) for j in self._manager.list()])
+        return pb.ListTrainingJobsResponse(jobs=[job_to_proto(j) for j in visible(current_principal(),
+                                                                                   self._manager.list())])
 
     def CancelTrainingJob(self, request: pb.CancelTrainingJobRequest,
                           context: grpc.ServicerContext) -> pb.TrainingJob:
         """Cancel a queued or running job (blocks until a running worker is gone); returns it CANCELLED."""
-        _require_job_id(request.job_id)
+        self._job(request.job_id)
         return job_to_proto(self._manager.cancel(request.job_id))
 
     def WatchTrainingJob(self, request: pb.WatchTrainingJobRequest,
                          context: grpc.ServicerContext) -> Iterator[pb.TrainingJobEvent]:
         """Stream the job as it is now, then every change until a terminal state. A client that cancels or
         disconnects ends the watch at once."""
-        _require_job_id(request.job_id)
+        self._job(request.job_id)
         watch = self._manager.watch(request.job_id)
         if not context.add_callback(watch.close):  # the RPC already ended
             watch.close()

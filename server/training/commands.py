@@ -73,6 +73,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
                    help="server address HOST:PORT (default %(default)s)")
     p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
                    help="deadline of each call (seconds)")
+    p.add_argument("--api-key", default=None, help="API key, sent as 'authorization: Bearer KEY' metadata")
 
 
 def _error(message: str) -> None:
@@ -173,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from server.rpc.client import Client, ClientError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             if args.upload:
                 info, residency = client.upload_adapter(config.adapter_id, result.adapter_dir, replace=args.replace)
             else:
@@ -235,7 +236,7 @@ def _client_command(fn: Callable[[Any, argparse.Namespace], int | None]) -> Call
         from server.rpc.client import Client, ClientError
 
         try:
-            with Client(args.target, timeout=args.timeout) as client:
+            with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
                 return fn(client, args) or 0
         except ClientError as exc:
             _error(f"{exc.code}: {exc.message}")
