@@ -405,3 +405,18 @@ def test_cli_sends_api_key(served, capsys, monkeypatch):
     made = json.loads(capsys.readouterr().out)
     assert hash_key(made["key"]) == made["sha256"] and len(made["key"]) >= 40
 
+
+
+@pytest.mark.parametrize("what", ["api_keys_file", "allowed_path"])
+def test_serve_refuses_a_bad_keys_file_or_root_at_start_up(tmp_path, capsys, what):
+    import threading
+
+    from server.cli import EXIT_STARTUP, serve
+    from server.config import ServerConfig
+
+    bad = tmp_path / "keys.json"
+    bad.write_text("{not json")
+    kw = {"api_keys_file": bad} if what == "api_keys_file" else {"allowed_paths": (tmp_path / "missing",)}
+    config = ServerConfig(port=0, metrics_port=-1, adapters_dir=tmp_path / "a", **kw)
+    assert serve(config, threading.Event(), app_factory=lambda *a: pytest.fail("must not load")) == EXIT_STARTUP
+    assert f"FAILED_PRECONDITION: {what}: " in capsys.readouterr().err
