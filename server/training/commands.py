@@ -73,6 +73,9 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
                    help="server address HOST:PORT (default %(default)s)")
     p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
                    help="deadline of each call (seconds)")
+    from server.cli import add_message_size_option  # server.cli is loaded: it calls these registrars
+
+    add_message_size_option(p)
 
 
 def _error(message: str) -> None:
@@ -173,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from server.rpc.client import Client, ClientError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, max_message_bytes=args.max_message_bytes) as client:
             if args.upload:
                 info, residency = client.upload_adapter(config.adapter_id, result.adapter_dir, replace=args.replace)
             else:
@@ -235,7 +238,7 @@ def _client_command(fn: Callable[[Any, argparse.Namespace], int | None]) -> Call
         from server.rpc.client import Client, ClientError
 
         try:
-            with Client(args.target, timeout=args.timeout) as client:
+            with Client(args.target, timeout=args.timeout, max_message_bytes=args.max_message_bytes) as client:
                 return fn(client, args) or 0
         except ClientError as exc:
             _error(f"{exc.code}: {exc.message}")
