@@ -25,7 +25,15 @@ from server.argtypes import (
     one_line,
     target_address,
 )
-from server.config import COMPUTE_DTYPES, EMBEDDED_MODEL, EngineConfig, ModelConfig, ServerConfig
+from server.config import (
+    COMPUTE_DTYPES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    EMBEDDED_MODEL,
+    MIN_MAX_MESSAGE_BYTES,
+    EngineConfig,
+    ModelConfig,
+    ServerConfig,
+)
 from server.errors import ServerError
 from server.training.commands import add_jobs_command, add_train_command
 
@@ -90,7 +98,20 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help=f"tokens per KV cache block (default {EngineConfig.kv_block_size})")
     p.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
                    help="capture the decode step in CUDA graphs at start-up (default on; ignored on a CPU)")
-    p.add_argument("--grpc-workers", type=int_in(0, MAX_GRPC_WORKERS), default=None, help="gRPC handler threads")
+    p.add_argument("--grpc-workers", type=int_in(0, MAX_GRPC_WORKERS), default=None,
+                   help="gRPC handler threads (at least, and by default, --max-generations + --max-streams + 16)")
+    p.add_argument("--max-generations", type=int_in(0, MAX_GRPC_WORKERS), default=None,
+                   help="concurrent Generation RPCs; one more is RESOURCE_EXHAUSTED (default 0 = batch + queue)")
+    p.add_argument("--max-streams", type=int_in(1, MAX_GRPC_WORKERS), default=None,
+                   help=f"concurrent WatchTrainingJob + UploadAdapter RPCs (default {ServerConfig.max_streams})")
+    p.add_argument("--max-message-bytes", type=int_in(MIN_MAX_MESSAGE_BYTES, INT32_MAX), default=None,
+                   help=f"largest gRPC message sent or received (default {DEFAULT_MAX_MESSAGE_BYTES})")
+    p.add_argument("--max-prompt-tokens", type=int_in(0, INT32_MAX), default=None,
+                   help="longest prompt in tokens (default 0 = the context)")
+    p.add_argument("--max-stop-strings", type=int_in(0, INT32_MAX), default=None,
+                   help=f"most stop strings per request (default {EngineConfig.max_stop_strings})")
+    p.add_argument("--max-stop-chars", type=int_in(1, INT32_MAX), default=None,
+                   help=f"longest stop string in characters (default {EngineConfig.max_stop_chars})")
     p.add_argument("--max-upload-bytes", type=int_in(1, INT64_MAX), default=None,
                    help="size cap of one adapter upload (bytes)")
     p.add_argument("--shutdown-grace", type=float_in(0.0, MAX_SHUTDOWN_GRACE_S), default=DEFAULT_SHUTDOWN_GRACE,
@@ -112,6 +133,14 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
                    help="deadline of each call (seconds)")
     p.add_argument("--api-key", default=None, help="API key, sent as 'authorization: Bearer KEY' metadata")
+    add_message_size_option(p)
+
+
+def add_message_size_option(p: argparse.ArgumentParser) -> None:
+    """``--max-message-bytes`` of the client commands (the same default as ``serve``'s)."""
+    p.add_argument("--max-message-bytes", type=int_in(MIN_MAX_MESSAGE_BYTES, INT32_MAX),
+                   default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help="largest gRPC message sent or received; upload chunks stay below it (default %(default)s)")
 
 
 def add_generate_command(sub: argparse._SubParsersAction) -> None:
@@ -253,7 +282,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_kw["cache_dir"] = args.cache_dir
     engine_kw = {name: getattr(args, name) for name in ("adapter_slots", "cpu_adapter_cache", "max_batch_size",
                                                         "max_lora_rank", "prefill_tokens", "kv_cache_bytes",
-                                                        "kv_block_size") if getattr(args, name) is not None}
+                                                        "kv_block_size", "max_prompt_tokens", "max_stop_strings",
+                                                        "max_stop_chars") if getattr(args, name) is not None}
     if args.cuda_graphs is not None:
         engine_kw["cuda_graphs"] = args.cuda_graphs == "on"
     if "adapter_slots" in engine_kw and "cpu_adapter_cache" not in engine_kw:
@@ -262,7 +292,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "adapters_dir": args.adapters_dir, "log_json": args.log_json,
                  "log_prompts": args.log_prompts, "api_keys_file": args.api_keys_file,
                  "allowed_paths": tuple(args.allowed_path)}
-    for name in ("state_dir", "grpc_workers", "max_upload_bytes"):
+    for name in ("state_dir", "grpc_workers", "max_upload_bytes", "max_generations", "max_streams",
+                 "max_message_bytes"):
         if getattr(args, name) is not None:
             server_kw[name] = getattr(args, name)
     return ServerConfig(model=ModelConfig(**model_kw), engine=EngineConfig(**engine_kw), **server_kw)
@@ -367,7 +398,8 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
           announce: Callable[[str], None] = _announce) -> int:
     """Bind the gRPC and metrics ports, then build the app (load the base model), serve, announce
     ``qlora-server listening on HOST:PORT (metrics on :N)``, block until ``stop`` is set, then shut down
-    gracefully: health → NOT_SERVING, ``server.stop(grace_seconds)``, ``app.close()``, metrics endpoint closed.
+    gracefully: health → NOT_SERVING, new RPCs refused with UNAVAILABLE while the running ones finish (at most
+    ``grace_seconds``; gRPC cancels what is left), ``app.close()``, metrics endpoint closed.
 
     The ports are bound before the model loads, so a port clash is reported in seconds; the metrics endpoint
     answers (process metrics) while the model loads; gRPC starts once the app is built.
@@ -378,13 +410,15 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
     ``port``, ``metrics_port``, ``model``, …).
     """
     from server.metrics import Metrics
-    from server.rpc.server import add_services, bind_grpc_server, format_address, new_health_servicer
+    from server.rpc.server import (add_services, bind_grpc_server, format_address, new_drain, new_health_servicer,
+                                   rpc_limits)
     from server.rpc.training import TrainingServicer
 
     log = logging.getLogger("qlora_server")
     metrics = Metrics(config.engine.top_adapter_labels)
     httpd = grpc_server = app = None
     restore_hup = None
+    drain = new_drain()
     try:
         keys = _load_security(config)
         if keys is not None and threading.current_thread() is threading.main_thread():
@@ -392,7 +426,8 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
 
             restore_hup = reload_on_sighup(keys)
         grpc_server, port = bind_grpc_server(config.host, config.port, workers=config.rpc_workers, metrics=metrics,
-                                             keys=keys)
+                                             keys=keys, limits=rpc_limits(config),
+                                             max_message_bytes=config.max_message_bytes, drain=drain)
         httpd, metrics_note = _start_metrics_endpoint(config, metrics.registry)
         address = format_address(config.host, port)
         log.info("bound %s (%s); loading base model %s", address, metrics_note, config.model.model)
@@ -436,7 +471,12 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
         if shutting_down is not None:
             shutting_down.set()
         health.enter_graceful_shutdown()
-        grpc_server.stop(grace_seconds).wait()
+        # New RPCs are refused (UNAVAILABLE) while the port stays open and the running ones finish; what is
+        # still running when the grace period ends is cancelled by gRPC.
+        began = time.monotonic()
+        drain.start()
+        drain.wait(grace_seconds)
+        grpc_server.stop(max(0.0, grace_seconds - (time.monotonic() - began))).wait()
         app.close()
         _close_httpd(httpd)
         if restore_hup is not None:
@@ -510,7 +550,8 @@ def _client_command(fn: Callable[..., None]) -> Callable[[argparse.Namespace], i
         from server.rpc.client import Client, ClientError
 
         try:
-            with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
+            with Client(args.target, timeout=args.timeout, api_key=args.api_key,
+                        max_message_bytes=args.max_message_bytes) as client:
                 fn(client, args)
         except ClientError as exc:
             print(one_line(f"error: {exc.code}: {exc.message}"), file=sys.stderr, flush=True)

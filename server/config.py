@@ -16,6 +16,12 @@ _DTYPES = ("bfloat16", "float16", "float32")
 #: Accepted ``compute_dtype`` values: ``"auto"`` is resolved per device when the model loads.
 COMPUTE_DTYPES = ("auto", *_DTYPES)
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Default largest gRPC message (bytes), sent or received, on the server and in the bundled client.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Smallest accepted ``max_message_bytes``: room for a request with a prompt and an upload chunk.
+MIN_MAX_MESSAGE_BYTES = 4096
+#: Handler threads kept beyond the Generation and stream caps, so health checks and short calls always get one.
+SPARE_RPC_WORKERS = 16
 
 
 def _require(cond: bool, field_name: str, message: str) -> None:
@@ -86,6 +92,10 @@ class EngineConfig:
         max_lora_rank: largest rank r an adapter may have; sets the width of the preallocated banks.
         top_adapter_labels: adapters that get their own ``adapter`` label value in per-adapter metrics; all
             others are counted under ``"other"`` (bounded label cardinality).
+        max_prompt_tokens: longest prompt accepted (tokens, after the chat template); 0 = the context less one
+            token. A longer one is refused with RESOURCE_EXHAUSTED (field ``prompt``).
+        max_stop_strings: most ``stop`` strings one request may carry (INVALID_ARGUMENT, field ``stop``).
+        max_stop_chars: longest ``stop`` string (characters; INVALID_ARGUMENT, field ``stop``).
     """
 
     max_batch_size: int = 16
@@ -101,14 +111,19 @@ class EngineConfig:
     cpu_adapter_cache: int = 32
     max_lora_rank: int = 64
     top_adapter_labels: int = 10
+    max_prompt_tokens: int = 0
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_new_tokens", "prefill_chunk", "prefill_tokens",
-                     "kv_block_size", "adapter_slots", "cpu_adapter_cache", "max_lora_rank"):
+                     "kv_block_size", "adapter_slots", "cpu_adapter_cache", "max_lora_rank", "max_stop_chars"):
             _require(int(getattr(self, name)) >= 1, name, "must be >= 1")
         _require(self.max_total_tokens >= 0, "max_total_tokens", "must be >= 0 (0 = model limit)")
         _require(self.kv_cache_bytes >= 0, "kv_cache_bytes", "must be >= 0 (0 = auto)")
         _require(self.top_adapter_labels >= 0, "top_adapter_labels", "must be >= 0")
+        _require(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0 (0 = the context)")
+        _require(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0")
         _require(self.cpu_adapter_cache >= self.adapter_slots, "cpu_adapter_cache",
                  "must be >= adapter_slots (the host tier backs every accelerator slot)")
 
@@ -124,9 +139,14 @@ class ServerConfig:
         adapters_dir: the adapter store (one sub-directory per registered adapter).
         state_dir: where the training-job database and job outputs live.
         max_upload_bytes: size cap of one ``UploadAdapter`` stream (bytes).
-        grpc_workers: RPC handler threads, which is also the cap on concurrent RPCs (one more gets
-            RESOURCE_EXHAUSTED at once); 0 = ``max_batch_size + max_queue + 16``, so the engine's own queue limit
-            is what callers hit first.
+        max_generations: cap on concurrent Generation RPCs (one more gets RESOURCE_EXHAUSTED at once); 0 =
+            ``max_batch_size + max_queue``, so the engine's own queue limit is what callers hit first.
+        max_streams: cap on concurrent long-lived non-generation RPCs (``WatchTrainingJob``, ``UploadAdapter``);
+            one more gets RESOURCE_EXHAUSTED.
+        grpc_workers: RPC handler threads; at least (and 0 = exactly) ``max_generations + max_streams + 16``, so
+            a health check or a short call always finds a thread even when both caps are reached.
+        max_message_bytes: largest gRPC message sent or received (bytes); the bundled client uses the same
+            default and keeps upload chunks below it.
         log_json: write request logs as JSON lines instead of plain text.
         log_prompts: include prompt text in request logs (off by default).
         api_keys_file: JSON/YAML keys file (``server.auth``); None = auth off (every RPC open).
@@ -142,7 +162,10 @@ class ServerConfig:
     adapters_dir: Path = Path("adapters")
     state_dir: Path = Path(".qlora-state")
     max_upload_bytes: int = 2 * 1024**3
+    max_generations: int = 0
+    max_streams: int = 64
     grpc_workers: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_json: bool = False
     log_prompts: bool = False
     api_keys_file: Path | None = None
@@ -153,11 +176,20 @@ class ServerConfig:
         _require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1..65535")
         _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
         _require(self.grpc_workers >= 0, "grpc_workers", "must be >= 0 (0 = enough for every queued request)")
+        _require(self.max_generations >= 0, "max_generations", "must be >= 0 (0 = batch + queue)")
+        _require(self.max_streams >= 1, "max_streams", "must be >= 1")
+        _require(self.max_message_bytes >= MIN_MAX_MESSAGE_BYTES, "max_message_bytes",
+                 f"must be >= {MIN_MAX_MESSAGE_BYTES}")
+
+    @property
+    def generation_cap(self) -> int:
+        """The resolved cap on concurrent Generation RPCs (see ``max_generations``)."""
+        return self.max_generations or self.engine.max_batch_size + self.engine.max_queue
 
     @property
     def rpc_workers(self) -> int:
         """The resolved number of RPC handler threads (see ``grpc_workers``)."""
-        return self.grpc_workers or self.engine.max_batch_size + self.engine.max_queue + 16
+        return max(self.grpc_workers, self.generation_cap + self.max_streams + SPARE_RPC_WORKERS)
 
     def replace(self, **changes) -> "ServerConfig":
         """Return a copy with ``changes`` applied (validated again)."""

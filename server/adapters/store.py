@@ -417,12 +417,17 @@ class AdapterStore:
         return dataclasses.replace(info, registered_at=float(meta["registered_at"]), version=version)
 
     def _recover(self) -> None:
-        """Remove staging directories and finish replaces/unregisters that a crash interrupted."""
+        """Remove staging directories and half-written metadata temporaries (``*.json.tmp`` of :func:`_write_json`),
+        and finish replaces/unregisters that a crash interrupted."""
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith((_TMP_PREFIX, _DEL_PREFIX, _UPLOAD_PREFIX)):
                 log.info("removing leftover %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
                 continue
+            for tmp in (entry, entry / f"{META_FILE}.tmp"):  # the real file is intact: it is replaced atomically
+                if tmp.name in (f"{VERSION_FILE}.tmp", f"{META_FILE}.tmp") and tmp.is_file():
+                    log.info("removing leftover %s", tmp)
+                    tmp.unlink()
             match = _OLD_RE.fullmatch(entry.name)
             if match is None:
                 continue

@@ -218,10 +218,16 @@ class Engine:
         """
         if not self.alive:
             raise Unavailable(self._unavailable_reason())
-        request.params.validate(self.config.max_new_tokens)
+        request.params.validate(self.config.max_new_tokens, self.config.max_stop_strings, self.config.max_stop_chars)
         prompt_ids = self._tokenize(request)
-        if len(prompt_ids) >= self.max_total_tokens:
-            raise ResourceExhausted(f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_total_tokens - 1}",
+        limit = self.max_total_tokens - 1
+        if self.config.max_prompt_tokens and self.config.max_prompt_tokens < limit:
+            limit = self.config.max_prompt_tokens
+            if len(prompt_ids) > limit:
+                raise ResourceExhausted(f"prompt has {len(prompt_ids)} tokens; the limit is {limit} "
+                                        "(--max-prompt-tokens)", field="prompt")
+        if len(prompt_ids) > limit:
+            raise ResourceExhausted(f"prompt has {len(prompt_ids)} tokens; the limit is {limit} (the context)",
                                     field="prompt")
         tokens = min(len(prompt_ids) + request.params.max_new_tokens, self.max_total_tokens)
         holds = self.allocator.capacity * self.block_size

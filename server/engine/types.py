@@ -45,8 +45,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
-    def validate(self, max_new_tokens_limit: int) -> None:
-        """Raise :class:`InvalidArgument` naming the first bad field."""
+    def validate(self, max_new_tokens_limit: int, max_stop_strings: int = 16, max_stop_chars: int = 256) -> None:
+        """Raise :class:`InvalidArgument` naming the first bad field (the stop limits are
+        ``EngineConfig.max_stop_strings`` / ``max_stop_chars``)."""
         if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
             raise InvalidArgument(f"must be in 1..{max_new_tokens_limit}, got {self.max_new_tokens}",
                                   field="max_new_tokens")
@@ -63,8 +64,13 @@ class SamplingParams:
             raise InvalidArgument(f"must be in 0..{SEED_MAX}, got {self.seed}", field="seed")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop strings must be non-empty", field="stop")
-        if len(self.stop) > 16:
-            raise InvalidArgument("at most 16 stop strings", field="stop")
+        if len(self.stop) > max_stop_strings:
+            raise InvalidArgument(f"at most {max_stop_strings} stop strings (--max-stop-strings), got "
+                                  f"{len(self.stop)}", field="stop")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > max_stop_chars:
+            raise InvalidArgument(f"stop strings are at most {max_stop_chars} characters (--max-stop-chars), got "
+                                  f"{longest}", field="stop")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import grpc
 
 from server.adapters.types import AdapterInfo
 from server.argtypes import MAX_TIMEOUT_S
+from server.config import DEFAULT_MAX_MESSAGE_BYTES
 from server.engine.types import GenerationEvent, GenerationRequest, GenerationResult
 from server.errors import ServerError
 from server.rpc import convert
@@ -17,7 +18,7 @@ from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
 from server.training.jobs import Job, JobEvent, JobRequest
 
-#: Size of one ``UploadAdapter`` chunk (bytes).
+#: Size of one ``UploadAdapter`` chunk (bytes), or half of ``max_message_bytes`` when that is smaller.
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 
@@ -43,16 +44,21 @@ class Client:
     :class:`ClientError` INVALID_ARGUMENT). ``api_key`` (optional) goes with every call as ``authorization: Bearer
     <key>`` metadata. Every method raises :class:`ClientError` when the RPC fails, or with
     INVALID_ARGUMENT naming the field when a value does not fit the wire (e.g. ``max_new_tokens`` past int32).
-    Use as a context manager or call :meth:`close`.
+    ``max_message_bytes`` caps messages both ways (the server's ``--max-message-bytes`` default); upload chunks
+    stay at most half of it. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None) -> None:
+    def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_S):
             raise ClientError("INVALID_ARGUMENT", f"timeout: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
                                                   f"got {timeout!r}")
-        self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self._chunk_cap = max(1, max_message_bytes // 2)  # room for the chunk message's own fields
         self._generation = pb_grpc.GenerationStub(self._channel)
         self._adapters = pb_grpc.AdaptersStub(self._channel)
         self._training = pb_grpc.TrainingStub(self._channel)
@@ -119,6 +125,7 @@ class Client:
             if not f.is_file():
                 raise ClientError("INVALID_ARGUMENT", f"dir: {f} does not exist")
         total = sum(f.stat().st_size for f in files)
+        chunk_bytes = max(1, min(chunk_bytes, self._chunk_cap))
         return convert.adapter_from_proto(
             self._call(self._adapters.UploadAdapter, _upload_requests(adapter_id, files, replace, total, chunk_bytes)))
 

@@ -38,12 +38,13 @@ _RESIDENCY_FROM_PROTO = {v: k for k, v in _RESIDENCY_TO_PROTO.items()}
 # --- Generation: server side ---------------------------------------------------------------------------------------
 
 
-def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: int) -> SamplingParams:
+def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: int, **stop_limits) -> SamplingParams:
     """Read the sampling fields of ``msg``; unset optional fields take :class:`SamplingParams` defaults
     (max_new_tokens 256 or ``max_new_tokens_limit`` when lower, top_p 1.0, repetition_penalty 1.0, seed None).
 
     ``max_new_tokens_limit`` is the server's cap (tokens). Raises :class:`InvalidArgument` naming the first bad
     field (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``).
+    ``stop_limits`` (``max_stop_strings``, ``max_stop_chars``) go to :meth:`SamplingParams.validate`.
     """
     kwargs: dict = {"temperature": msg.temperature, "top_k": msg.top_k, "stop": tuple(msg.stop),
                     "ignore_eos": msg.ignore_eos,
@@ -52,7 +53,7 @@ def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: in
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)
     params = SamplingParams(**kwargs)
-    params.validate(max_new_tokens_limit)
+    params.validate(max_new_tokens_limit, **stop_limits)
     return params
 
 
@@ -68,13 +69,14 @@ def chat_messages_from_proto(messages) -> tuple[ChatMessage, ...]:
 
 
 def generation_request_from_proto(msg: pb.GenerateRequest, *, default_request_id: str, max_new_tokens_limit: int,
-                                  deadline: float | None = None) -> GenerationRequest:
+                                  deadline: float | None = None, **stop_limits) -> GenerationRequest:
     """Build the engine's :class:`GenerationRequest` from ``msg``.
 
     Args:
         default_request_id: used when ``msg.request_id`` is empty.
         max_new_tokens_limit: the server's cap on ``max_new_tokens`` (tokens).
         deadline: ``time.monotonic()`` instant after which the engine abandons the request; None = none.
+        stop_limits: ``max_stop_strings`` / ``max_stop_chars`` (the server's ``EngineConfig`` values).
 
     Raises:
         InvalidArgument: naming the proto field: ``prompt`` when both or neither of ``prompt`` and ``messages``
@@ -92,7 +94,7 @@ def generation_request_from_proto(msg: pb.GenerateRequest, *, default_request_id
         adapter_id=msg.adapter_id,
         prompt=msg.prompt if has_prompt else None,
         messages=chat_messages_from_proto(msg.messages),
-        params=sampling_params_from_proto(msg, max_new_tokens_limit),
+        params=sampling_params_from_proto(msg, max_new_tokens_limit, **stop_limits),
         deadline=deadline,
     )
 

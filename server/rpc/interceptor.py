@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Callable
+from typing import Callable, Mapping
 
 import grpc
 
-from server.errors import ServerError
+from server.errors import ResourceExhausted, ServerError, Unavailable
 from server.metrics import Metrics
 
 _LOG = logging.getLogger(__name__)
@@ -88,6 +88,60 @@ class _Outcome:
         self.record((grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED).name)
 
 
+class ConcurrencyLimit:
+    """At most ``cap`` RPCs at once among the methods it guards; one more is refused at once with
+    RESOURCE_EXHAUSTED naming ``option`` (the ``serve`` flag that sets the cap). Never blocks."""
+
+    def __init__(self, cap: int, what: str, option: str) -> None:
+        self.cap = cap
+        self._what = what
+        self._option = option
+        self._slots = threading.BoundedSemaphore(cap)
+
+    def acquire(self) -> None:
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(f"{self.cap} {self._what} RPCs are already in flight, the server's cap "
+                                    f"({self._option}); retry later")
+
+    def release(self) -> None:
+        self._slots.release()
+
+
+class Drain:
+    """Graceful shutdown of the RPCs behind a :class:`StatusInterceptor`: after :meth:`start`, every new RPC
+    except those of the ``exempt`` services / methods (health, reflection, training watches) is refused with
+    UNAVAILABLE while the server still listens, and :meth:`wait` blocks until the RPCs already running have ended."""
+
+    def __init__(self, exempt: tuple[str, ...] = ()) -> None:
+        self.exempt = exempt
+        self._cond = threading.Condition()
+        self._active = 0
+        self._draining = False
+
+    def counts(self, method: str) -> bool:
+        return method not in self.exempt and method.split("/")[0] not in self.exempt
+
+    def enter(self) -> None:
+        with self._cond:
+            if self._draining:
+                raise Unavailable("the server is shutting down; retry against another instance or later")
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        with self._cond:
+            self._draining = True
+
+    def wait(self, timeout: float) -> bool:
+        """Block until no counted RPC is running or ``timeout`` seconds passed; True when drained."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._active == 0, timeout=max(0.0, timeout))
+
+
 class StatusInterceptor(grpc.ServerInterceptor):
     """Wraps every handler (unary and streaming, requests and responses) so that:
 
@@ -96,27 +150,40 @@ class StatusInterceptor(grpc.ServerInterceptor):
     * any other exception becomes INTERNAL with a fixed message (logged here with its traceback, never sent);
     * a handler that set a status itself (``context.abort`` / ``set_code``) keeps it;
     * ``metrics.requests{method, code}`` counts the RPC once when it finishes; ``method`` is the full method
-      name without the leading slash (e.g. ``qlora_server.v1.Generation/Generate``).
+      name without the leading slash (e.g. ``qlora_server.v1.Generation/Generate``);
+    * an RPC whose method (``service/Method``) or service is a key of ``limits`` first takes a slot of that
+      :class:`ConcurrencyLimit` (RESOURCE_EXHAUSTED when none is free) and gives it back when its handler ends;
+    * with a ``drain``, RPCs it counts are tracked, and refused with UNAVAILABLE once it started.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, limits: Mapping[str, ConcurrencyLimit] | None = None,
+                 drain: Drain | None = None) -> None:
         self._metrics = metrics
+        self._limits = dict(limits or {})
+        self._drain = drain
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method.lstrip("/")
+        limit = self._limits.get(method) or self._limits.get(method.split("/")[0])
+        if self._drain is not None and self._drain.counts(method):
+            limit = _Guard(self._drain, limit)
         kwargs = {"request_deserializer": handler.request_deserializer,
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(handler.unary_unary, method), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(handler.unary_unary, method, limit),
+                                                       **kwargs)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(handler.stream_unary, method), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(handler.stream_unary, method, limit),
+                                                        **kwargs)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method, limit),
+                                                        **kwargs)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(self._wrap_stream(handler.stream_stream, method), **kwargs)
+            return grpc.stream_stream_rpc_method_handler(self._wrap_stream(handler.stream_stream, method, limit),
+                                                         **kwargs)
         return handler
 
     def _start(self, method: str, context: grpc.ServicerContext) -> _Outcome:
@@ -125,11 +192,18 @@ class StatusInterceptor(grpc.ServerInterceptor):
             outcome.on_terminated()
         return outcome
 
-    def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
+    def _wrap_unary(self, behavior: Callable, method: str, limit: ConcurrencyLimit | None = None) -> Callable:
         def wrapped(request_or_iterator, context):
             outcome = self._start(method, context)
             try:
-                response = behavior(request_or_iterator, context)
+                if limit is None:
+                    response = behavior(request_or_iterator, context)
+                else:
+                    limit.acquire()
+                    try:
+                        response = behavior(request_or_iterator, context)
+                    finally:
+                        limit.release()
             except Exception as exc:
                 self._fail(exc, context, outcome, method)
                 raise
@@ -138,11 +212,18 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
+    def _wrap_stream(self, behavior: Callable, method: str, limit: ConcurrencyLimit | None = None) -> Callable:
         def wrapped(request_or_iterator, context):
             outcome = self._start(method, context)
             try:
-                yield from behavior(request_or_iterator, context)
+                if limit is None:
+                    yield from behavior(request_or_iterator, context)
+                else:
+                    limit.acquire()
+                    try:
+                        yield from behavior(request_or_iterator, context)
+                    finally:
+                        limit.release()
             except Exception as exc:
                 self._fail(exc, context, outcome, method)
                 raise
@@ -168,6 +249,28 @@ class StatusInterceptor(grpc.ServerInterceptor):
         _LOG.error("unhandled exception in %s", method, exc_info=exc)
         outcome.record(grpc.StatusCode.INTERNAL.name)
         context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+
+
+class _Guard:
+    """A drain's enter / leave around an optional :class:`ConcurrencyLimit` (same interface)."""
+
+    def __init__(self, drain: Drain, limit: ConcurrencyLimit | None) -> None:
+        self._drain = drain
+        self._limit = limit
+
+    def acquire(self) -> None:
+        self._drain.enter()
+        if self._limit is not None:
+            try:
+                self._limit.acquire()
+            except BaseException:
+                self._drain.leave()
+                raise
+
+    def release(self) -> None:
+        if self._limit is not None:
+            self._limit.release()
+        self._drain.leave()
 
 
 def _final_code(context: grpc.ServicerContext) -> str:

@@ -10,18 +10,44 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
 from server.errors import FailedPrecondition
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
 from server.rpc.auth import AuthInterceptor
-from server.rpc.interceptor import StatusInterceptor
+from server.rpc.interceptor import ConcurrencyLimit, Drain, StatusInterceptor
 from server.rpc.service import AdaptersServicer, GenerationServicer
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 ADAPTERS_SERVICE = pb.DESCRIPTOR.services_by_name["Adapters"].full_name
 TRAINING_SERVICE = pb.DESCRIPTOR.services_by_name["Training"].full_name
-#: Largest request message accepted (bytes); upload chunks are ~1 MiB, this leaves room for bigger ones.
-MAX_RECEIVE_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Default largest message sent or received (bytes; ``--max-message-bytes``); upload chunks are ~1 MiB.
+MAX_RECEIVE_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_BYTES
+#: Long-lived RPCs outside Generation that share the ``--max-streams`` cap.
+STREAM_METHODS = (f"{TRAINING_SERVICE}/WatchTrainingJob", f"{ADAPTERS_SERVICE}/UploadAdapter")
+#: What a graceful shutdown neither refuses nor waits for: health (it reports NOT_SERVING), reflection and training
+#: watches (open until their job ends; gRPC cancels them when the grace period is over).
+DRAIN_EXEMPT = (health.SERVICE_NAME, reflection.SERVICE_NAME, f"{TRAINING_SERVICE}/WatchTrainingJob")
+
+
+def new_drain() -> Drain:
+    """The :class:`Drain` to give :func:`bind_grpc_server` for a graceful shutdown (``start``, then ``wait``)."""
+    return Drain(DRAIN_EXEMPT)
+
+
+#: The backstop ``maximum_concurrent_rpcs`` is this many times the handler threads: only a flood of short calls
+#: far past every cap reaches it (the caps of :func:`rpc_limits` are what callers meet).
+BACKSTOP_FACTOR = 4
+
+
+def rpc_limits(config: ServerConfig) -> dict[str, ConcurrencyLimit]:
+    """The per-kind concurrency caps of ``config`` for :class:`StatusInterceptor`: every Generation RPC shares
+    ``config.generation_cap`` (``--max-generations``); WatchTrainingJob and UploadAdapter share
+    ``config.max_streams`` (``--max-streams``). Health checks and short calls are not capped here: the handler
+    pool (``config.rpc_workers``) keeps threads for them beyond both caps."""
+    streams = ConcurrencyLimit(config.max_streams, "WatchTrainingJob/UploadAdapter", "--max-streams")
+    return {GENERATION_SERVICE: ConcurrencyLimit(config.generation_cap, "generation", "--max-generations"),
+            **{method: streams for method in STREAM_METHODS}}
 
 
 def new_health_servicer() -> health.HealthServicer:
@@ -38,7 +64,9 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None) -> tuple[grpc.Server, int]:
+def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None, limits: dict | None = None,
+                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                     drain: Drain | None = None) -> tuple[grpc.Server, int]:
     """Create the thread-pool gRPC server and bind ``host:port`` now, before any service exists, so a port clash
     is reported at once (``serve`` calls this before it loads the base model). Register services with
     :func:`add_services`, then call ``server.start()``.
@@ -46,10 +74,13 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None) 
     Args:
         host: address to bind (``[::]`` / ``::`` = all interfaces).
         port: TCP port; 0 picks a free one.
-        workers: RPC handler threads, which is also the cap on concurrent RPCs.
+        workers: RPC handler threads (RPCs past ``BACKSTOP_FACTOR`` times this are refused by gRPC itself).
         metrics: the :class:`server.metrics.Metrics` the :class:`StatusInterceptor` counts RPCs in.
         keys: a :class:`server.auth.KeyStore` to require API keys (:class:`server.rpc.auth.AuthInterceptor`,
             inside the status interceptor); None = auth off.
+        limits: per-method / per-service caps for the interceptor (:func:`rpc_limits`); None = none.
+        max_message_bytes: largest message received or sent (bytes).
+        drain: from :func:`new_drain`, to refuse new RPCs (UNAVAILABLE) and wait for running ones at shutdown.
 
     Returns:
         ``(server, bound_port)``.
@@ -65,11 +96,12 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None) 
             raise FailedPrecondition(f"cannot bind {address}: {taken}", field="port")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=[StatusInterceptor(metrics)] + ([] if keys is None else [AuthInterceptor(keys)]),
-        # Each RPC holds a handler thread while it waits for the engine: past that many, refuse at once
-        # (RESOURCE_EXHAUSTED) rather than queue without bound inside gRPC.
-        maximum_concurrent_rpcs=workers,
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
+        interceptors=[StatusInterceptor(metrics, limits, drain)] + ([] if keys is None else [AuthInterceptor(keys)]),
+        # The caps that matter are the interceptor's (Generation, streams), below the pool size, so health
+        # checks always find a thread; this backstop only bounds gRPC's own queue under a flood of short calls.
+        maximum_concurrent_rpcs=workers * BACKSTOP_FACTOR,
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes)],
     )
     try:
         bound = server.add_insecure_port(address)
@@ -151,7 +183,8 @@ def build_grpc_server(app, host: str, port: int, *, health_servicer: health.Heal
     ``app.config.rpc_workers`` threads counting into ``app.metrics``, then :func:`add_services`.
 
     The pool has ``app.config.rpc_workers`` threads; a streaming RPC holds one for its whole life. Every service
-    sits behind one :class:`StatusInterceptor` that maps errors and counts ``app.metrics.requests``.
+    sits behind one :class:`StatusInterceptor` that maps errors, counts ``app.metrics.requests`` and enforces
+    :func:`rpc_limits`; messages are capped at ``app.config.max_message_bytes`` both ways.
 
     Returns:
         ``(server, bound_port)``; call ``server.start()``.
@@ -159,6 +192,7 @@ def build_grpc_server(app, host: str, port: int, *, health_servicer: health.Heal
     Raises:
         FailedPrecondition: (field ``port``) the address cannot be bound, e.g. the port is in use.
     """
-    server, bound = bind_grpc_server(host, port, workers=app.config.rpc_workers, metrics=app.metrics, keys=keys)
+    server, bound = bind_grpc_server(host, port, workers=app.config.rpc_workers, metrics=app.metrics, keys=keys,
+                                     limits=rpc_limits(app.config), max_message_bytes=app.config.max_message_bytes)
     add_services(server, app, health_servicer=health_servicer, training_servicer=training_servicer)
     return server, bound

@@ -75,9 +75,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         clock = DeadlineClock(context)
         if request.adapter_id:
             require_adapter(current_principal(), request.adapter_id)
+        limits = self._app.config.engine
         req = convert.generation_request_from_proto(
-            request, default_request_id=new_request_id(),
-            max_new_tokens_limit=self._app.config.engine.max_new_tokens, deadline=monotonic_deadline(context))
+            request, default_request_id=new_request_id(), max_new_tokens_limit=limits.max_new_tokens,
+            deadline=monotonic_deadline(context), max_stop_strings=limits.max_stop_strings,
+            max_stop_chars=limits.max_stop_chars)
         stream = self._app.engine.submit(req)
 
         def stop() -> None:

@@ -74,6 +74,9 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
                    help="deadline of each call (seconds)")
     p.add_argument("--api-key", default=None, help="API key, sent as 'authorization: Bearer KEY' metadata")
+    from server.cli import add_message_size_option  # server.cli is loaded: it calls these registrars
+
+    add_message_size_option(p)
 
 
 def _error(message: str) -> None:
@@ -174,7 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from server.rpc.client import Client, ClientError
 
     try:
-        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key,
+                    max_message_bytes=args.max_message_bytes) as client:
             if args.upload:
                 info, residency = client.upload_adapter(config.adapter_id, result.adapter_dir, replace=args.replace)
             else:
@@ -236,7 +240,8 @@ def _client_command(fn: Callable[[Any, argparse.Namespace], int | None]) -> Call
         from server.rpc.client import Client, ClientError
 
         try:
-            with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
+            with Client(args.target, timeout=args.timeout, api_key=args.api_key,
+                        max_message_bytes=args.max_message_bytes) as client:
                 return fn(client, args) or 0
         except ClientError as exc:
             _error(f"{exc.code}: {exc.message}")

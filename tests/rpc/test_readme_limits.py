@@ -18,7 +18,13 @@ def test_every_server_limit_is_in_the_readme():
         "`EngineConfig.max_total_tokens`",
         f"{engine.max_queue} waiting requests (`EngineConfig.max_queue`)",
         f"{engine.max_batch_size} running (`--max-batch-size`)",
-        "`--grpc-workers` (default: batch + queue + 16)",
+        "`--max-generations` (default 0 = batch + queue: "
+        f"{engine.max_batch_size + engine.max_queue})",
+        f"`--max-streams` ({server.max_streams})",
+        "`--grpc-workers` (default: the two caps above + 16; never fewer)",
+        f"≤ {engine.max_stop_chars} characters (`--max-stop-chars`)",
+        "(`--max-message-bytes`)",
+        "`--max-prompt-tokens`",
         f"`--max-lora-rank` ({engine.max_lora_rank})",
         f"≤ {MAX_REQUEST_ID_LENGTH} characters",
         f"`--max-upload-bytes` ({server.max_upload_bytes // 2**30} GiB)",
@@ -30,7 +36,8 @@ def test_every_server_limit_is_in_the_readme():
     ]
     for text in expected:
         assert text in README, text
-    assert server.rpc_workers == engine.max_batch_size + engine.max_queue + 16
+    assert server.generation_cap == engine.max_batch_size + engine.max_queue
+    assert server.rpc_workers == server.generation_cap + server.max_streams + 16
 
 
 def test_the_engine_options_are_in_the_configuration_table():
