@@ -15,6 +15,7 @@ from server.rpc import convert
 from server.rpc import training as training_convert
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
+from server.rpc.tls import ClientTLS
 from server.training.jobs import Job, JobEvent, JobRequest
 
 #: Size of one ``UploadAdapter`` chunk (bytes).
@@ -37,7 +38,8 @@ class ClientError(Exception):
 
 
 class Client:
-    """Blocking client over one insecure channel to ``target`` (``host:port``).
+    """Blocking client over one channel to ``target`` (``host:port``): plaintext, or TLS when ``tls`` is given
+    (:class:`server.rpc.tls.ClientTLS`: the CA to trust, a client certificate for mutual TLS).
 
     ``timeout`` is every call's deadline in seconds (None = none; at most ``MAX_TIMEOUT_S``, else
     :class:`ClientError` INVALID_ARGUMENT). Every method raises :class:`ClientError` when the RPC fails, or with
@@ -45,11 +47,17 @@ class Client:
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, target: str, timeout: float | None = None) -> None:
+    def __init__(self, target: str, timeout: float | None = None, tls: ClientTLS | None = None) -> None:
         if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_S):
             raise ClientError("INVALID_ARGUMENT", f"timeout: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
                                                   f"got {timeout!r}")
-        self._channel = grpc.insecure_channel(target)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            try:
+                self._channel = tls.channel(target)
+            except ValueError as exc:
+                raise ClientError("INVALID_ARGUMENT", str(exc)) from None
         self._timeout = timeout
         self._generation = pb_grpc.GenerationStub(self._channel)
         self._adapters = pb_grpc.AdaptersStub(self._channel)
@@ -70,6 +78,15 @@ class Client:
             return method(request, timeout=self._timeout)
         except grpc.RpcError as err:
             raise ClientError.from_rpc_error(err) from None
+
+    def health(self, service: str = "") -> str:
+        """The ``grpc.health.v1`` status of ``service`` (``""`` = the server), e.g. ``"SERVING"`` (needs
+        ``grpcio-health-checking``, part of the server extra)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        request = health_pb2.HealthCheckRequest(service=service)
+        resp = self._call(health_pb2_grpc.HealthStub(self._channel).Check, request)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` (``deadline`` is ignored; use ``timeout``) and return the whole answer."""

@@ -37,7 +37,8 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[grpc.Server, int]:
+def bind_grpc_server(host: str, port: int, *, workers: int, metrics,
+                     credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
     """Create the thread-pool gRPC server and bind ``host:port`` now, before any service exists, so a port clash
     is reported at once (``serve`` calls this before it loads the base model). Register services with
     :func:`add_services`, then call ``server.start()``.
@@ -47,6 +48,7 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[gr
         port: TCP port; 0 picks a free one.
         workers: RPC handler threads, which is also the cap on concurrent RPCs.
         metrics: the :class:`server.metrics.Metrics` the :class:`StatusInterceptor` counts RPCs in.
+        credentials: bind with TLS (``server.rpc.tls.server_credentials``); None = plaintext.
 
     Returns:
         ``(server, bound_port)``.
@@ -69,7 +71,8 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics) -> tuple[gr
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
     )
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError:
         bound = 0
     if not bound:

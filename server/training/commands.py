@@ -23,6 +23,7 @@ from server.argtypes import (
 )
 from server.errors import Cancelled, InvalidArgument, ServerError
 from server.logs import quiet_libraries
+from server.rpc.tls import add_client_tls_options, client_tls_from_args
 
 _INT32 = int_in(-INT32_MAX - 1, INT32_MAX)
 _FLOAT32 = float_in(-FLOAT32_MAX, FLOAT32_MAX)
@@ -73,6 +74,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
                    help="server address HOST:PORT (default %(default)s)")
     p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, lo_open=True), default=None,
                    help="deadline of each call (seconds)")
+    add_client_tls_options(p)
 
 
 def _error(message: str) -> None:
@@ -173,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from server.rpc.client import Client, ClientError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, tls=client_tls_from_args(args)) as client:
             if args.upload:
                 info, residency = client.upload_adapter(config.adapter_id, result.adapter_dir, replace=args.replace)
             else:
@@ -235,7 +237,7 @@ def _client_command(fn: Callable[[Any, argparse.Namespace], int | None]) -> Call
         from server.rpc.client import Client, ClientError
 
         try:
-            with Client(args.target, timeout=args.timeout) as client:
+            with Client(args.target, timeout=args.timeout, tls=client_tls_from_args(args)) as client:
                 return fn(client, args) or 0
         except ClientError as exc:
             _error(f"{exc.code}: {exc.message}")
