@@ -35,6 +35,7 @@ from server.config import (
     ServerConfig,
 )
 from server.errors import ServerError
+from server.rpc.tls import add_client_tls_options, client_tls_from_args
 from server.training.commands import add_jobs_command, add_train_command
 
 DEFAULT_TARGET = "localhost:50051"
@@ -74,6 +75,13 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument("--metrics-port", type=int_in(-1, 65535), default=9400,
                    help="Prometheus exposition port; 0 picks a free one, -1 disables it (default 9400)")
+    p.add_argument("--metrics-host", default=None,
+                   help="address the metrics endpoint binds (default: --host); metrics stay plaintext HTTP")
+    p.add_argument("--tls-cert", type=Path, default=None,
+                   help="PEM certificate (chain): serve gRPC over TLS (with --tls-key; default plaintext)")
+    p.add_argument("--tls-key", type=Path, default=None, help="unencrypted PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, default=None,
+                   help="PEM CA bundle: mutual TLS, clients must present a certificate it signed")
     p.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="adapter store directory")
     p.add_argument("--state-dir", type=Path, default=None, help="training jobs' database and outputs")
     p.add_argument("--cache-dir", type=Path, default=None, help="where converted models are cached")
@@ -134,6 +142,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
                    help="deadline of each call (seconds)")
     p.add_argument("--api-key", default=None, help="API key, sent as 'authorization: Bearer KEY' metadata")
     add_message_size_option(p)
+    add_client_tls_options(p)
 
 
 def add_message_size_option(p: argparse.ArgumentParser) -> None:
@@ -293,7 +302,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "log_prompts": args.log_prompts, "api_keys_file": args.api_keys_file,
                  "allowed_paths": tuple(args.allowed_path)}
     for name in ("state_dir", "grpc_workers", "max_upload_bytes", "max_generations", "max_streams",
-                 "max_message_bytes"):
+                 "max_message_bytes", "metrics_host", "tls_cert", "tls_key", "tls_client_ca"):
         if getattr(args, name) is not None:
             server_kw[name] = getattr(args, name)
     return ServerConfig(model=ModelConfig(**model_kw), engine=EngineConfig(**engine_kw), **server_kw)
@@ -377,12 +386,13 @@ def _start_metrics_endpoint(config: ServerConfig, registry):
 
     if config.metrics_port < 0:
         return None, "metrics off"
+    host = metrics_bind_address(config.metrics_host or config.host)
     try:
-        httpd, _ = start_http_server(config.metrics_port, addr=metrics_bind_address(config.host), registry=registry)
+        httpd, _ = start_http_server(config.metrics_port, addr=host, registry=registry)
     except OSError as exc:
         reason = ("already in use (another server running?)" if exc.errno == errno.EADDRINUSE
                   else exc.strerror or str(exc))
-        raise FailedPrecondition(f"cannot bind {metrics_bind_address(config.host)} port {config.metrics_port}: "
+        raise FailedPrecondition(f"cannot bind {host} port {config.metrics_port}: "
                                  f"{reason}", field="metrics_port") from None
     return httpd, f"metrics on :{httpd.server_port}"
 
@@ -412,6 +422,7 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
     from server.metrics import Metrics
     from server.rpc.server import (add_services, bind_grpc_server, format_address, new_drain, new_health_servicer,
                                    rpc_limits)
+    from server.rpc.tls import log_transport, server_credentials
     from server.rpc.training import TrainingServicer
 
     log = logging.getLogger("qlora_server")
@@ -426,10 +437,11 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
 
             restore_hup = reload_on_sighup(keys)
         grpc_server, port = bind_grpc_server(config.host, config.port, workers=config.rpc_workers, metrics=metrics,
-                                             keys=keys, limits=rpc_limits(config),
+                                             keys=keys, limits=rpc_limits(config), credentials=server_credentials(config),
                                              max_message_bytes=config.max_message_bytes, drain=drain)
         httpd, metrics_note = _start_metrics_endpoint(config, metrics.registry)
         address = format_address(config.host, port)
+        log_transport(config, address, log)
         log.info("bound %s (%s); loading base model %s", address, metrics_note, config.model.model)
         app = (app_factory or _default_app_factory)(config, metrics)
         health = new_health_servicer()
@@ -551,7 +563,7 @@ def _client_command(fn: Callable[..., None]) -> Callable[[argparse.Namespace], i
 
         try:
             with Client(args.target, timeout=args.timeout, api_key=args.api_key,
-                        max_message_bytes=args.max_message_bytes) as client:
+                        max_message_bytes=args.max_message_bytes, tls=client_tls_from_args(args)) as client:
                 fn(client, args)
         except ClientError as exc:
             print(one_line(f"error: {exc.code}: {exc.message}"), file=sys.stderr, flush=True)

@@ -152,6 +152,12 @@ class ServerConfig:
         api_keys_file: JSON/YAML keys file (``server.auth``); None = auth off (every RPC open).
         allowed_paths: roots RegisterAdapter and CreateTrainingJob may read server paths under; empty = any path
             when auth is off, none (upload only) when it is on.
+        metrics_host: address the metrics endpoint binds; None = the gRPC ``host``.
+        tls_cert / tls_key: PEM certificate (chain) and unencrypted private key: serve gRPC over TLS. Both or
+            neither; None = plaintext (a warning at start-up unless ``host`` is loopback). Read and checked at
+            start-up (``server.rpc.tls.server_credentials``).
+        tls_client_ca: PEM CA bundle: mutual TLS, every client must present a certificate it signed. Needs
+            ``tls_cert`` and ``tls_key``.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -170,12 +176,24 @@ class ServerConfig:
     log_prompts: bool = False
     api_keys_file: Path | None = None
     allowed_paths: tuple[Path, ...] = ()
+    metrics_host: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
         _require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1..65535")
         _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
         _require(self.grpc_workers >= 0, "grpc_workers", "must be >= 0 (0 = enough for every queued request)")
+        _require(self.metrics_host is None or bool(self.metrics_host.strip("[] ")), "metrics_host",
+                 "must be an address (or unset: the gRPC host)")
+        _require(self.tls_key is not None or self.tls_cert is None, "tls_key",
+                 "--tls-cert needs --tls-key (give both or neither)")
+        _require(self.tls_cert is not None or self.tls_key is None, "tls_cert",
+                 "--tls-key needs --tls-cert (give both or neither)")
+        _require(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca",
+                 "needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
         _require(self.max_generations >= 0, "max_generations", "must be >= 0 (0 = batch + queue)")
         _require(self.max_streams >= 1, "max_streams", "must be >= 1")
         _require(self.max_message_bytes >= MIN_MAX_MESSAGE_BYTES, "max_message_bytes",

@@ -16,6 +16,7 @@ from server.rpc import convert
 from server.rpc import training as training_convert
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
+from server.rpc.tls import ClientTLS
 from server.training.jobs import Job, JobEvent, JobRequest
 
 #: Size of one ``UploadAdapter`` chunk (bytes), or half of ``max_message_bytes`` when that is smaller.
@@ -38,7 +39,8 @@ class ClientError(Exception):
 
 
 class Client:
-    """Blocking client over one insecure channel to ``target`` (``host:port``).
+    """Blocking client over one channel to ``target`` (``host:port``): plaintext, or TLS when ``tls`` is given
+    (:class:`server.rpc.tls.ClientTLS`: the CA to trust, a client certificate for mutual TLS).
 
     ``timeout`` is every call's deadline in seconds (None = none; at most ``MAX_TIMEOUT_S``, else
     :class:`ClientError` INVALID_ARGUMENT). ``api_key`` (optional) goes with every call as ``authorization: Bearer
@@ -49,13 +51,19 @@ class Client:
     """
 
     def __init__(self, target: str, timeout: float | None = None, api_key: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: ClientTLS | None = None) -> None:
         if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_S):
             raise ClientError("INVALID_ARGUMENT", f"timeout: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
                                                   f"got {timeout!r}")
-        self._channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            try:
+                self._channel = tls.channel(target, options=options)
+            except ValueError as exc:
+                raise ClientError("INVALID_ARGUMENT", str(exc)) from None
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._chunk_cap = max(1, max_message_bytes // 2)  # room for the chunk message's own fields
@@ -78,6 +86,15 @@ class Client:
             return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise ClientError.from_rpc_error(err) from None
+
+    def health(self, service: str = "") -> str:
+        """The ``grpc.health.v1`` status of ``service`` (``""`` = the server), e.g. ``"SERVING"`` (needs
+        ``grpcio-health-checking``, part of the server extra)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        request = health_pb2.HealthCheckRequest(service=service)
+        resp = self._call(health_pb2_grpc.HealthStub(self._channel).Check, request)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` (``deadline`` is ignored; use ``timeout``) and return the whole answer."""

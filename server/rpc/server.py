@@ -65,8 +65,8 @@ def format_address(host: str, port: int) -> str:
 
 
 def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None, limits: dict | None = None,
-                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                     drain: Drain | None = None) -> tuple[grpc.Server, int]:
+                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, drain: Drain | None = None,
+                     credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
     """Create the thread-pool gRPC server and bind ``host:port`` now, before any service exists, so a port clash
     is reported at once (``serve`` calls this before it loads the base model). Register services with
     :func:`add_services`, then call ``server.start()``.
@@ -81,6 +81,7 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None, 
         limits: per-method / per-service caps for the interceptor (:func:`rpc_limits`); None = none.
         max_message_bytes: largest message received or sent (bytes).
         drain: from :func:`new_drain`, to refuse new RPCs (UNAVAILABLE) and wait for running ones at shutdown.
+        credentials: bind with TLS (``server.rpc.tls.server_credentials``); None = plaintext.
 
     Returns:
         ``(server, bound_port)``.
@@ -104,7 +105,8 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None, 
                  ("grpc.max_send_message_length", max_message_bytes)],
     )
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError:
         bound = 0
     if not bound:

@@ -23,6 +23,7 @@ from server.argtypes import (
 )
 from server.errors import Cancelled, InvalidArgument, ServerError
 from server.logs import quiet_libraries
+from server.rpc.tls import add_client_tls_options, client_tls_from_args
 
 _INT32 = int_in(-INT32_MAX - 1, INT32_MAX)
 _FLOAT32 = float_in(-FLOAT32_MAX, FLOAT32_MAX)
@@ -77,6 +78,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     from server.cli import add_message_size_option  # server.cli is loaded: it calls these registrars
 
     add_message_size_option(p)
+    add_client_tls_options(p)
 
 
 def _error(message: str) -> None:
@@ -178,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         with Client(args.target, timeout=args.timeout, api_key=args.api_key,
-                    max_message_bytes=args.max_message_bytes) as client:
+                    max_message_bytes=args.max_message_bytes, tls=client_tls_from_args(args)) as client:
             if args.upload:
                 info, residency = client.upload_adapter(config.adapter_id, result.adapter_dir, replace=args.replace)
             else:
@@ -241,7 +243,7 @@ def _client_command(fn: Callable[[Any, argparse.Namespace], int | None]) -> Call
 
         try:
             with Client(args.target, timeout=args.timeout, api_key=args.api_key,
-                        max_message_bytes=args.max_message_bytes) as client:
+                        max_message_bytes=args.max_message_bytes, tls=client_tls_from_args(args)) as client:
                 return fn(client, args) or 0
         except ClientError as exc:
             _error(f"{exc.code}: {exc.message}")
