@@ -80,7 +80,8 @@ def is_loopback(host: str) -> bool:
 
 def log_transport(config, address: str, log: logging.Logger) -> None:
     """One start-up line on the gRPC transport: INFO naming TLS / mutual TLS, or a loud WARNING for plaintext on
-    an address other machines can reach (plaintext on loopback is an INFO line)."""
+    an address other machines can reach (plaintext on loopback is an INFO line); and a WARNING when the metrics
+    endpoint (plaintext, no keys) binds such an address."""
     if config.tls_client_ca is not None:
         log.info("gRPC on %s: mutual TLS (cert %s; client certificates required, verified against %s)", address,
                  config.tls_cert, config.tls_client_ca)
@@ -92,6 +93,12 @@ def log_transport(config, address: str, log: logging.Logger) -> None:
         log.warning("gRPC on %s: PLAINTEXT on an address other machines can reach: anyone on the network can read "
                     "and send requests. Give --tls-cert and --tls-key (and --tls-client-ca for mutual TLS), or bind "
                     "--host 127.0.0.1", address)
+    metrics_host = config.metrics_host or config.host
+    if config.metrics_port >= 0 and not is_loopback(metrics_host):
+        # Metrics carry adapter ids (bounded labels) and have neither keys nor TLS.
+        log.warning("metrics on %s:%s: plaintext HTTP without keys on an address other machines can reach: anyone "
+                    "on the network can read them, adapter ids included. Bind --metrics-host 127.0.0.1 or a private "
+                    "address", metrics_host, config.metrics_port)
 
 
 # --- client ----------------------------------------------------------------------------------------------------------

@@ -291,11 +291,22 @@ def test_a_bad_tls_file_fails_start_up_naming_the_field(tmp_path, pki, capsys, f
 def test_plaintext_on_a_reachable_address_is_a_warning(pki, caplog, host, warned):
     caplog.set_level(logging.INFO, logger="qlora_server")
     log = logging.getLogger("qlora_server")
-    log_transport(ServerConfig(host=host), f"{host}:1", log)
-    log_transport(ServerConfig(host=host, **_tls(pki, mutual=False)), f"{host}:1", log)
+    log_transport(ServerConfig(host=host, metrics_port=-1), f"{host}:1", log)
+    log_transport(ServerConfig(host=host, metrics_port=-1, **_tls(pki, mutual=False)), f"{host}:1", log)
     plain, tls = caplog.records
     assert (plain.levelno == logging.WARNING) is warned and "PLAINTEXT" in plain.getMessage()
     assert tls.levelno == logging.INFO and "TLS" in tls.getMessage() and "PLAINTEXT" not in tls.getMessage()
+
+
+@pytest.mark.parametrize("host, metrics_host, warned", [("[::]", None, True), ("127.0.0.1", None, False),
+                                                        ("[::]", "127.0.0.1", False), ("127.0.0.1", "0.0.0.0", True)])
+def test_metrics_on_a_reachable_address_is_a_warning_even_with_tls(pki, caplog, host, metrics_host, warned):
+    """The metrics endpoint has neither keys nor TLS and its labels carry adapter ids."""
+    caplog.set_level(logging.INFO, logger="qlora_server")
+    log_transport(ServerConfig(host=host, metrics_host=metrics_host, **_tls(pki, mutual=True)), f"{host}:1",
+                  logging.getLogger("qlora_server"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert bool(warnings) is warned and all("metrics" in w for w in warnings)
 
 
 def _accepts(host: str, port: int) -> bool:
