@@ -7,6 +7,9 @@ A keys file (JSON or YAML) lists who may call the server; it holds SHA-256 hashe
         sha256: 9f86d08…          # sha256 of the key (`qlora-server keys hash` prints it)
         role: trainer             # inference | trainer | admin
         scopes: ["acme-"]         # adapter-id prefixes; absent or [] = every adapter
+        requests_per_second: 5    # optional per-key limits (``server.rpc.ratelimit`` enforces them):
+        tokens_per_minute: 20000  #   float > 0, int > 0 and int >= 1 (concurrent Generation RPCs)
+        max_concurrent: 2
 
 A scope is a plain string prefix of adapter ids (ids cannot hold ``/``: an adapter is one directory of the store)
 and must end with ``-``, ``.`` or ``_``, so ``acme-`` never matches ``acmecorp-x``.
@@ -18,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -37,12 +41,29 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
+class KeyLimits:
+    """The optional per-key limits of a keys-file entry; None = no such limit."""
+
+    requests_per_second: float | None = None
+    tokens_per_minute: int | None = None
+    max_concurrent: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.requests_per_second, self.tokens_per_minute, self.max_concurrent))
+
+
+LIMIT_FIELDS = ("requests_per_second", "tokens_per_minute", "max_concurrent")
+
+
+@dataclass(frozen=True)
 class Principal:
-    """Who is calling: the key's ``name`` (for logs), its ``role`` and its adapter-id prefixes (empty = all)."""
+    """Who is calling: the key's ``name`` (for logs), its ``role``, its adapter-id prefixes (empty = all) and its
+    rate limits."""
 
     name: str
     role: str
     scopes: tuple[str, ...] = ()
+    limits: KeyLimits = KeyLimits()
 
     def sees(self, adapter_id: str) -> bool:
         """True when ``adapter_id`` lies inside this principal's scopes (always, for an unscoped key)."""
@@ -122,6 +143,20 @@ def check_path(path: str, roots: tuple[Path, ...], *, enforce: bool, field: str)
 # --- the keys file -------------------------------------------------------------------------------------------------
 
 
+def _parse_limits(entry: dict, where: str) -> KeyLimits:
+    """The :class:`KeyLimits` of a keys-file entry; raises ValueError naming the bad field."""
+    rps, tpm, conc = (entry.get(f) for f in LIMIT_FIELDS)
+    if rps is not None and (isinstance(rps, bool) or not isinstance(rps, (int, float)) or not math.isfinite(rps)
+                            or rps <= 0):
+        raise ValueError(f"{where}.requests_per_second: must be a number > 0")
+    if tpm is not None and (isinstance(tpm, bool) or not isinstance(tpm, int) or tpm <= 0):
+        raise ValueError(f"{where}.tokens_per_minute: must be an integer > 0")
+    if conc is not None and (isinstance(conc, bool) or not isinstance(conc, int) or conc < 1):
+        raise ValueError(f"{where}.max_concurrent: must be an integer >= 1")
+    return KeyLimits(requests_per_second=None if rps is None else float(rps), tokens_per_minute=tpm,
+                     max_concurrent=conc)
+
+
 def _parse_entries(data) -> dict[str, Principal]:
     """``{sha256: Principal}`` of a parsed keys file; raises ValueError naming the bad entry."""
     if isinstance(data, dict):
@@ -134,7 +169,7 @@ def _parse_entries(data) -> dict[str, Principal]:
         where = f"keys[{i}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: must be a mapping")
-        unknown = set(entry) - {"name", "sha256", "role", "scopes"}
+        unknown = set(entry) - {"name", "sha256", "role", "scopes", *LIMIT_FIELDS}
         if unknown:
             raise ValueError(f"{where}: unknown field {sorted(unknown)[0]!r}")
         name, digest, role = entry.get("name"), str(entry.get("sha256", "")).lower(), entry.get("role")
@@ -149,8 +184,9 @@ def _parse_entries(data) -> dict[str, Principal]:
             raise ValueError(f"{where}.role: must be one of {', '.join(ROLES)}")
         if not isinstance(scopes, list) or not all(isinstance(s, str) and SCOPE_RE.fullmatch(s) for s in scopes):
             raise ValueError(f"{where}.scopes: must be a list of adapter-id prefixes ending in '-', '.' or '_'")
+        limits = _parse_limits(entry, where)
         names.add(name)
-        out[digest] = Principal(name=name, role=role, scopes=tuple(scopes))
+        out[digest] = Principal(name=name, role=role, scopes=tuple(scopes), limits=limits)
     return out
 
 

@@ -37,6 +37,15 @@ class ResourceExhausted(ServerError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class RateLimited(ResourceExhausted):
+    """A per-key rate limit (requests/s, tokens/min, concurrent generations) refused the RPC; the RPC layer sends
+    ``retry_after_ms`` as trailing metadata ``retry-after-ms``."""
+
+    def __init__(self, message: str, retry_after_ms: int, field: str | None = None) -> None:
+        self.retry_after_ms = int(retry_after_ms)
+        super().__init__(message, field=field)
+
+
 class FailedPrecondition(ServerError):
     """The request is well formed but the server's state forbids it (e.g. cancel a finished job)."""
 

@@ -2,8 +2,9 @@
 
 It sits inside :class:`server.rpc.interceptor.StatusInterceptor` (which maps its errors and counts the RPC),
 resolves ``authorization: Bearer <key>`` to a :class:`server.auth.Principal`, checks the role against
-:data:`ROLES_BY_METHOD` and hands the principal to the handler through :func:`current_principal`. Methods outside
-``qlora_server.`` (health, reflection) stay open.
+:data:`ROLES_BY_METHOD`, applies the key's rate limits (:mod:`server.rpc.ratelimit`: requests/s on every RPC;
+concurrency and tokens/min on Generation RPCs) and hands the principal to the handler through
+:func:`current_principal`. Methods outside ``qlora_server.`` (health, reflection) stay open and unlimited.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from typing import Callable
 import grpc
 
 from server.auth import ADMIN, INFERENCE, ROLES, TRAINER, KeyStore, PermissionDenied, Principal, Unauthenticated
+from server.rpc.ratelimit import KeyLimiter
 
 _LOG = logging.getLogger(__name__)
 GUARDED_PREFIX = "qlora_server."
+#: Methods under this prefix are Generation RPCs (per-key ``max_concurrent`` and ``tokens_per_minute``).
+GENERATION_PREFIX = "qlora_server.v1.Generation/"
 _ALL = frozenset(ROLES)
 _TRAIN = frozenset({TRAINER, ADMIN})
 _INFER = frozenset({INFERENCE, ADMIN})
@@ -56,10 +60,13 @@ def bearer_key(metadata) -> str | None:
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Refuses ``qlora_server.`` RPCs without a known key (UNAUTHENTICATED) or of a role not allowed
-    (PERMISSION_DENIED) before the handler runs; the key itself is never logged nor echoed."""
+    (PERMISSION_DENIED) or over one of its rate limits (RESOURCE_EXHAUSTED with ``retry-after-ms``) before the
+    handler runs; the key itself is never logged nor echoed. ``limiter`` holds the per-key rate-limit state (a
+    fresh :class:`KeyLimiter` by default; pass one with a fake clock in tests)."""
 
-    def __init__(self, keys: KeyStore) -> None:
+    def __init__(self, keys: KeyStore, limiter: KeyLimiter | None = None) -> None:
         self._keys = keys
+        self.limiter = limiter if limiter is not None else KeyLimiter()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -90,22 +97,54 @@ class AuthInterceptor(grpc.ServerInterceptor):
             raise PermissionDenied(f"role {principal.role!r} may not call {method}")
         return principal
 
+    def _admit(self, method: str, principal: Principal):
+        """Apply ``principal``'s rate limits to one RPC of ``method``: a :class:`server.rpc.ratelimit.Slot` to
+        finish when a Generation RPC ends, None for other RPCs; raises RateLimited when over a limit."""
+        if not principal.limits:
+            return None
+        self.limiter.admit(principal.name, principal.limits)
+        if not method.startswith(GENERATION_PREFIX):
+            return None
+        return self.limiter.start_generation(principal.name, principal.limits)
+
     def _unary(self, behavior: Callable, method: str) -> Callable:
         def wrapped(request_or_iterator, context):
-            _PRINCIPAL.set(self.authorize(method, context))
+            principal = self.authorize(method, context)
+            slot = self._admit(method, principal)
+            _PRINCIPAL.set(principal)
+            tokens = 0
             try:
-                return behavior(request_or_iterator, context)
+                response = behavior(request_or_iterator, context)
+                tokens = getattr(response, "completion_tokens", 0) or 0
+                return response
             finally:
                 _PRINCIPAL.set(None)
+                if slot is not None:
+                    slot.finish(tokens)
 
         return wrapped
 
     def _stream(self, behavior: Callable, method: str) -> Callable:
         def wrapped(request_or_iterator, context):
-            _PRINCIPAL.set(self.authorize(method, context))
+            principal = self.authorize(method, context)
+            slot = self._admit(method, principal)
+            _PRINCIPAL.set(principal)
+            # The last message carries completion_tokens; a stream that ends early is charged one token per
+            # message sent (each carries at least one generated token's text): a lower bound.
+            sent = final = 0
+            responses = None
             try:
-                yield from behavior(request_or_iterator, context)
+                responses = behavior(request_or_iterator, context)
+                for message in responses:
+                    sent += 1
+                    final = getattr(message, "completion_tokens", 0) or final
+                    yield message
             finally:
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    close()  # as ``yield from`` would: the handler's own clean-up runs now
                 _PRINCIPAL.set(None)
+                if slot is not None:
+                    slot.finish(final or sent)
 
         return wrapped

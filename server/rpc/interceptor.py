@@ -16,6 +16,9 @@ _LOG = logging.getLogger(__name__)
 
 #: Trailing-metadata key carrying :attr:`ServerError.field` (the bad request field) when the error names one.
 FIELD_METADATA_KEY = "qlora-error-field"
+#: Trailing-metadata key carrying the milliseconds to wait before retrying a rate-limited RPC
+#: (:class:`server.errors.RateLimited`).
+RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 #: Status details sent for unexpected exceptions (the traceback goes to the server log only).
 INTERNAL_DETAILS = "internal error (see the server log)"
 #: A remaining time above this means the client set no deadline (gRPC reports an infinite-future deadline).
@@ -146,7 +149,8 @@ class StatusInterceptor(grpc.ServerInterceptor):
     """Wraps every handler (unary and streaming, requests and responses) so that:
 
     * a :class:`ServerError` becomes the status its ``.code`` names, with ``str(error)`` ("field: message") as
-      details and the field in trailing metadata ``qlora-error-field``;
+      details and the field in trailing metadata ``qlora-error-field`` (and, for a
+      :class:`server.errors.RateLimited`, the retry hint in ``retry-after-ms``);
     * any other exception becomes INTERNAL with a fixed message (logged here with its traceback, never sent);
     * a handler that set a status itself (``context.abort`` / ``set_code``) keeps it;
     * ``metrics.requests{method, code}`` counts the RPC once when it finishes; ``method`` is the full method
@@ -237,8 +241,14 @@ class StatusInterceptor(grpc.ServerInterceptor):
         if isinstance(exc, ServerError):
             code = status_code_for(exc)
             outcome.record(code.name)
+            trailers = []
             if exc.field:
-                context.set_trailing_metadata(((FIELD_METADATA_KEY, exc.field),))
+                trailers.append((FIELD_METADATA_KEY, exc.field))
+            retry_after_ms = getattr(exc, "retry_after_ms", None)
+            if retry_after_ms is not None:
+                trailers.append((RETRY_AFTER_METADATA_KEY, str(retry_after_ms)))
+            if trailers:
+                context.set_trailing_metadata(tuple(trailers))
             context.abort(code, str(exc))
         preset = context.code()
         if preset is not None and preset != grpc.StatusCode.OK:
