@@ -221,7 +221,11 @@ def test_byte_fallback_tokenizer_matches_whole_output_algorithm(data):
     words = [[vocab[p]] for p in ["▁", "a", "b", "▁a", "▁b", "ab", "<", ">", "|", ".", "▁."]]
     chars = [[vocab[f"<0x{b:02X}>"] for b in c.encode()] for c in "é日😀\ufffd"]
     unit = st.one_of(st.sampled_from(words), st.sampled_from(chars), st.sampled_from([[1], [2]]))
-    ids = [t for u in data.draw(st.lists(unit, max_size=20), label="units") for t in u]
+    units = data.draw(st.lists(unit, max_size=20), label="units")
+    # A word after each special token: decoding skips hidden specials, so byte runs on both sides of one would
+    # fuse into one run, and an incomplete character after it turns the whole-output reference's finished one
+    # before it into U+FFFD (the invalid-run caveat above), which no streaming can (or should) reproduce.
+    ids = [t for u in units for t in (u + [vocab["a"]] if u in ([1], [2]) else u)]
     _, _, match = reference(tok, hidden, (), ids)
     stops = data.draw(stops_strategy(match, "ab <|>.é日\ufffd", set(hidden.values())), label="stops")
     check(tok, hidden, stops, ids)
