@@ -144,10 +144,8 @@ def self_check(graphs: DecodeGraphs, runner) -> float:
     length = max(1, min(11, block - 1))
     vocab = int(runner.forward.head.weight.shape[0])
     banks = graphs.banks
-    if banks.slots:
-        for a, b in zip(banks.A, banks.B):
-            a[0].copy_(torch.randn(a[0].shape, generator=gen) * 0.05)
-            b[0].copy_(torch.randn(b[0].shape, generator=gen) * 0.05)
+    if banks.slots:  # slot 0's A and B of every module, in one write
+        banks.flat[0].copy_(torch.randn(banks.flat[0].shape, generator=gen) * 0.05)
     try:
         worst = 0.0
         for lora in (True, False):

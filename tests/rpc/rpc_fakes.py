@@ -28,6 +28,18 @@ PROMPT_CRASH = "crash"          # an event with an unexpected exception
 SECRET = "secret-internal-detail"
 
 
+def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
+    """Poll ``predicate`` until true; fail the test naming ``what`` after ``timeout_s`` seconds (a bounded wait
+    for liveness, never a timing assertion)."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def write_adapter_dir(path: Path, config: dict | None = None, weights: bytes = SAFETENSORS_MAGIC + b"\0" * 16) -> Path:
     """A minimal adapter directory the fake store accepts."""
     path.mkdir(parents=True, exist_ok=True)

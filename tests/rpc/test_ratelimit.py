@@ -11,7 +11,7 @@ import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rpc_fakes import PROMPT_BLOCK, FakeApp
+from rpc_fakes import PROMPT_BLOCK, FakeApp, wait_for
 
 from server.auth import KeyLimits, KeyStore, hash_key
 from server.errors import FailedPrecondition, RateLimited
@@ -200,19 +200,11 @@ def test_a_key_over_its_requests_per_second_is_refused_with_a_retry_hint_and_oth
     listing("key-slow-0123456789")  # admitted again after the hint
 
 
-def _wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_max_concurrent_refuses_a_second_stream_of_the_key_while_one_is_held(served):
     app, generation, _ = served
     key = "key-one-stream-0123"
     held = generation.GenerateStream(pb.GenerateRequest(prompt=PROMPT_BLOCK), metadata=md(key), timeout=60)
-    _wait_for(lambda: len(app.engine.streams) == 1, "the held stream")
+    wait_for(lambda: len(app.engine.streams) == 1, "the held stream")
     for call in (lambda: list(generation.GenerateStream(pb.GenerateRequest(prompt="x"), metadata=md(key),
                                                         timeout=WAIT)),
                  lambda: generation.Generate(pb.GenerateRequest(prompt="x"), metadata=md(key), timeout=WAIT)):
@@ -233,7 +225,7 @@ def test_max_concurrent_refuses_a_second_stream_of_the_key_while_one_is_held(ser
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             return False
 
-    _wait_for(admitted, "the slot to come back")
+    wait_for(admitted, "the slot to come back")
 
 
 @pytest.mark.parametrize("streaming", [False, True])

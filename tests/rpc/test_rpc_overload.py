@@ -4,12 +4,11 @@ answering; configurable message size, stop-string limits; the serve / client fla
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rpc_fakes import PROMPT_BLOCK, FakeApp, write_adapter_dir
+from rpc_fakes import PROMPT_BLOCK, FakeApp, wait_for, write_adapter_dir
 
 from server.cli import build_parser, config_from_args
 from server.config import EngineConfig, ServerConfig
@@ -28,14 +27,6 @@ def app(tmp_path) -> FakeApp:
     return app
 
 
-def _wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _health(channel) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT).status
@@ -43,7 +34,7 @@ def _health(channel) -> int:
 
 def test_saturated_generation_leaves_health_watch_and_admin_calls_answering(app, channel, generation, adapters):
     held = [generation.GenerateStream(pb.GenerateRequest(prompt=PROMPT_BLOCK), timeout=60) for _ in range(2)]
-    _wait_for(lambda: len(app.engine.streams) == 2, "two generations in flight")
+    wait_for(lambda: len(app.engine.streams) == 2, "two generations in flight")
 
     for call in (generation.Generate, generation.GenerateStream):
         with pytest.raises(grpc.RpcError) as err:
@@ -61,7 +52,7 @@ def test_saturated_generation_leaves_health_watch_and_admin_calls_answering(app,
     adapters.ListAdapters(pb.ListAdaptersRequest(), timeout=WAIT)
 
     held[0].cancel()  # a freed slot is taken again
-    _wait_for(lambda: any(s.cancelled.is_set() for s in app.engine.streams), "the cancelled stream to end")
+    wait_for(lambda: any(s.cancelled.is_set() for s in app.engine.streams), "the cancelled stream to end")
 
     def admitted() -> bool:
         try:
@@ -70,7 +61,7 @@ def test_saturated_generation_leaves_health_watch_and_admin_calls_answering(app,
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             return False
 
-    _wait_for(admitted, "a generation slot to come back")
+    wait_for(admitted, "a generation slot to come back")
     held[1].cancel()
     exhausted = app.metrics.requests.labels("qlora_server.v1.Generation/Generate", "RESOURCE_EXHAUSTED")._value.get()
     assert exhausted >= 1
@@ -96,7 +87,7 @@ def test_stream_cap_refuses_a_third_upload_or_watch_and_health_still_answers(app
                                                                 timeout=WAIT)))
             return code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-        _wait_for(refused, "the two uploads to hold the stream cap")  # (NOT_FOUND until both are in)
+        wait_for(refused, "the two uploads to hold the stream cap")  # (NOT_FOUND until both are in)
         with pytest.raises(grpc.RpcError) as err:
             list(training.WatchTrainingJob(pb.WatchTrainingJobRequest(job_id="x"), timeout=WAIT))
         assert "--max-streams" in err.value.details()
