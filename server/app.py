@@ -22,6 +22,7 @@ from server.model.base import BaseModelInfo, load_base_model
 from server.model.runner import build_runner
 from server.training.jobs import DB_FILE, JobStore
 from server.training.manager import TrainingManager
+from server.training.shared_base import export_for_training
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     if model is None:
         model, tokenizer, base_info = load_base_model(config.model)
     metrics.startup_seconds.labels("load").set(time.perf_counter() - start)
+    # Before anything runs the model (a CPU forward repacks the 4-bit weights): jobs train on this snapshot.
+    shared_base = export_for_training(model, base_info, config.model) if config.training_share_base else None
     engine_cfg = config.engine
     # "auto" resolved by the model loader; a caller-built BaseModelInfo (tests) leaves it to the config.
     compute_dtype = base_info.compute_dtype or config.model.compute_dtype
@@ -107,7 +110,7 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
     try:
         training = TrainingManager(store, JobStore(config.state_dir / DB_FILE), config.state_dir, metrics,
-                                   model_config=config.model).start()
+                                   model_config=config.model, shared_base=shared_base).start()
     except BaseException:
         cache.close()
         raise

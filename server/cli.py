@@ -106,6 +106,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help=f"tokens per KV cache block (default {EngineConfig.kv_block_size})")
     p.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
                    help="capture the decode step in CUDA graphs at start-up (default on; ignored on a CPU)")
+    p.add_argument("--training-share-base", choices=("on", "off"), default=None,
+                   help="training jobs use the server's loaded base read-only instead of loading their own copy "
+                        "(default on)")
     p.add_argument("--grpc-workers", type=int_in(0, MAX_GRPC_WORKERS), default=None,
                    help="gRPC handler threads (at least, and by default, --max-generations + --max-streams + 16)")
     p.add_argument("--max-generations", type=int_in(0, MAX_GRPC_WORKERS), default=None,
@@ -301,6 +304,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "adapters_dir": args.adapters_dir, "log_json": args.log_json,
                  "log_prompts": args.log_prompts, "api_keys_file": args.api_keys_file,
                  "allowed_paths": tuple(args.allowed_path)}
+    if args.training_share_base is not None:
+        server_kw["training_share_base"] = args.training_share_base == "on"
     for name in ("state_dir", "grpc_workers", "max_upload_bytes", "max_generations", "max_streams",
                  "max_message_bytes", "metrics_host", "tls_cert", "tls_key", "tls_client_ca"):
         if getattr(args, name) is not None:

@@ -158,6 +158,9 @@ class ServerConfig:
             start-up (``server.rpc.tls.server_credentials``).
         tls_client_ca: PEM CA bundle: mutual TLS, every client must present a certificate it signed. Needs
             ``tls_cert`` and ``tls_key``.
+        training_share_base: training jobs train on the server's resident NF4 base, shared read-only with their
+            worker process (``server.training.shared_base``), instead of each loading its own copy; when sharing
+            is impossible jobs load their own with a logged reason.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -180,6 +183,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    training_share_base: bool = True
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")

@@ -42,6 +42,10 @@ ProgressFn = Callable[[dict[str, Any]], None]
 #: saves), evaluating (held-out loss; also between training steps when ``eval_steps`` is set), saving (the
 #: adapter directory). A server job adds ``registering`` after them.
 PHASES = TRAINER_PHASES
+#: Supplies the frozen NF4 base instead of ``server.model.base.load_base_model``: called with the run's
+#: ``ModelConfig``, returns ``(model, BaseModelInfo)`` -- a model built as that loader builds it, never run forward
+#: (a server job gets the server's resident base this way: ``server.training.shared_base``).
+LoadBaseFn = Callable[[Any], tuple[Any, Any]]
 
 #: Config fields that define the result; ``resume`` refuses a checkpoint written with different values.
 _RESUME_FIELDS = ("model", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "learning_rate",
@@ -435,8 +439,9 @@ class TrainingSession:
     """
 
     def __init__(self, config: TrainConfig, on_progress: ProgressFn | None = None, resume: bool = False,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, load_base: LoadBaseFn | None = None) -> None:
         self.config = config
+        self.load_base = load_base
         self.on_progress = on_progress
         self.resume = resume
         self.should_stop = should_stop
@@ -489,7 +494,10 @@ class TrainingSession:
 
         from server.model.base import load_base_model
 
-        base, _, info = load_base_model(self.config.model_config())
+        if self.load_base is not None:
+            base, info = self.load_base(self.config.model_config())
+        else:
+            base, _, info = load_base_model(self.config.model_config())
         self.compute_dtype = f"{info.compute_dtype} ({info.compute_dtype_reason})"
         prepare_for_qlora_training(base, self.config.gradient_checkpointing)
         # The base was loaded from a local path (for the embedded model, its converted copy in the cache); every
@@ -681,7 +689,7 @@ class TrainingSession:
 
 
 def train(config: TrainConfig, on_progress: ProgressFn | None = None, resume: bool = False,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None, load_base: LoadBaseFn | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on ``config.dataset`` with QLoRA and write it to ``config.adapter_dir``.
 
     The base model is loaded exactly as the server loads it (``server.model.base.load_base_model``: NF4, double
@@ -698,6 +706,7 @@ def train(config: TrainConfig, on_progress: ProgressFn | None = None, resume: bo
             written and ``Cancelled`` is raised (``resume=True`` continues later). An exception raised meanwhile
             (e.g. ``KeyboardInterrupt`` from a second Ctrl-C) aborts at once: incomplete checkpoints are deleted,
             complete ones are kept, and no adapter is written.
+        load_base: where the base comes from (see ``LoadBaseFn``); None loads it with ``load_base_model``.
 
     Returns:
         ``TrainResult``.
@@ -709,4 +718,4 @@ def train(config: TrainConfig, on_progress: ProgressFn | None = None, resume: bo
         TrainingDiverged: NaN/inf loss, or a loss of exactly 0 for ``zero_loss_patience`` steps.
         Cancelled: ``should_stop`` asked to stop.
     """
-    return TrainingSession(config, on_progress, resume, should_stop).run()
+    return TrainingSession(config, on_progress, resume, should_stop, load_base).run()

@@ -260,11 +260,13 @@ class TrainingManager:
         python: interpreter that runs the worker (default: this one).
         terminate_grace_s: seconds between SIGTERM and SIGKILL when stopping a worker.
         poll_interval_s: how often the scheduler reads progress and checks the worker (seconds).
+        shared_base: the server's base as a ``server.training.shared_base.SharedBase``: each worker trains on it
+            (read-only) instead of loading its own copy; None = workers load the base.
     """
 
     def __init__(self, adapter_store, job_store: JobStore, state_dir: Path, metrics=None, *,
                  model_config: ModelConfig, python: str = sys.executable, terminate_grace_s: float = 10.0,
-                 poll_interval_s: float = 0.2) -> None:
+                 poll_interval_s: float = 0.2, shared_base=None) -> None:
         self._store = adapter_store
         self._jobs = job_store
         self.state_dir = Path(state_dir).absolute()
@@ -274,6 +276,7 @@ class TrainingManager:
         self._python = python
         self._grace = terminate_grace_s
         self._poll = poll_interval_s
+        self._shared_base = shared_base
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._watchers: dict[str, set[JobWatch]] = {}
@@ -526,10 +529,11 @@ class TrainingManager:
             shutil.rmtree(job_dir)
         job_dir.mkdir(parents=True)
         worker_files.write_json_atomically(job_dir / worker_files.JOB_FILE, {"config": dict(job.config)})
+        fds = self._shared_base.handoff(job_dir) if self._shared_base is not None else ()
         with open(job_dir / worker_files.LOG_FILE, "ab") as log_file:
             proc = subprocess.Popen([self._python, "-m", WORKER_MODULE, str(job_dir)], stdin=subprocess.DEVNULL,
                                     stdout=log_file, stderr=subprocess.STDOUT, env=self._worker_env(),
-                                    start_new_session=True)
+                                    start_new_session=True, pass_fds=fds)
         try:
             with self._lock:
                 self._publish(self._jobs.update(job.job_id, pid=proc.pid), f"worker started (pid {proc.pid})")
@@ -595,6 +599,10 @@ class TrainingManager:
 
     def _on_progress(self, job_id: str, record: dict[str, Any]) -> None:
         event = record.get("event")
+        if event == "base" and isinstance(record.get("message"), str):  # shared_base: where the base came from
+            with self._lock:
+                self._publish(self._jobs.get(job_id), record["message"])
+            return
         if event not in ("phase", "step", "eval_progress", "eval", "done"):
             return
         fields: dict[str, Any] = {}

@@ -5,6 +5,9 @@ session so a crash, an OOM kill or a signal to the server's terminal never reach
 directory holds:
 
 * ``job.json`` (read): ``{"config": TrainConfig.to_dict()}``, written by the manager;
+* ``shared_base.pkl`` (read when present): the server's base to train on instead of loading one
+  (``server.training.shared_base``); ``progress.jsonl`` then says ``"event": "base"`` with ``source`` shared or
+  loaded;
 * ``progress.jsonl`` (appended, one JSON object per line, flushed at once): ``{"event": "started", "pid": N}``
   first, then every dict the trainer's ``on_progress`` gives (``event`` ``"step"``, ``"eval"`` or ``"done"``, with
   step, total_steps, loss, eval_loss, tokens_per_second, learning_rate, ...);
@@ -105,11 +108,12 @@ def run(job_dir: Path) -> int:
 
         try:
             from trainer.config import TrainConfig
+            from server.training.shared_base import worker_loader
             from trainer.train import train
 
             spec = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
             config = TrainConfig.from_dict(spec["config"])
-            result = train(config, on_progress=emit)
+            result = train(config, on_progress=emit, load_base=worker_loader(job_dir, emit))
         except ServerError as exc:
             log.error("training failed: %s: %s", exc.code, exc)
             write_json_atomically(job_dir / ERROR_FILE, {"code": exc.code, "message": str(exc), "field": exc.field})
