@@ -30,6 +30,7 @@ import logging
 import mmap
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,11 +399,13 @@ def worker_loader(job_dir: Path, emit):
     """The ``load_base`` a worker gives ``trainer.train.train``: the shared base when ``job_dir`` holds a hand-off,
     else -- or when attaching fails, with a WARNING saying why -- ``load_base_model``. Either way it reports which
     through ``emit``: ``{"event": "base", "phase": "loading", "source": "shared" | "loaded", "bytes": N,
-    "message": "base: shared from the server (N bytes)" | "base: loaded (...)"}``."""
+    "seconds": S, "message": "base: shared from the server (N bytes)" | "base: loaded (...)"}`` (S: seconds it
+    took to get the base)."""
 
     def load(model_config):
         from server.model.base import load_base_model
 
+        t0 = time.monotonic()
         reason = "the server did not share its base"
         if (Path(job_dir) / HANDOFF_FILE).is_file():
             try:
@@ -412,15 +415,15 @@ def worker_loader(job_dir: Path, emit):
                 log.warning("base: %s; loading it", reason)
             else:
                 message = f"base: shared from the server ({nbytes} bytes)"
-                log.info("%s", message)
+                log.info("%s in %.2f s", message, time.monotonic() - t0)
                 emit({"event": "base", "phase": "loading", "source": "shared", "bytes": nbytes,
-                      "message": message})
+                      "seconds": time.monotonic() - t0, "message": message})
                 return model, info
         model, _, info = load_base_model(model_config)
         message = f"base: loaded ({reason})"
-        log.info("%s", message)
+        log.info("%s in %.2f s", message, time.monotonic() - t0)
         emit({"event": "base", "phase": "loading", "source": "loaded", "bytes": int(info.weight_bytes),
-              "message": message})
+              "seconds": time.monotonic() - t0, "message": message})
         return model, info
 
     return load
