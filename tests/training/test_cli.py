@@ -69,3 +69,19 @@ def test_jobs_commands(served, capsys):
     assert "error: INVALID_ARGUMENT: config.optim: " in capsys.readouterr().err
     with pytest.raises(grpc.RpcError):
         served.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id="x"), timeout=30)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--training-share-base", "on"], True),
+                                                 (["--training-share-base", "off"], False)])
+def test_serve_training_share_base_option(flags, expected):
+    from server.cli import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["serve", *flags])).training_share_base is expected
+
+
+def test_serve_training_share_base_rejects_other_values(capsys):
+    from server.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--training-share-base", "yes"])
+    assert "--training-share-base" in capsys.readouterr().err
