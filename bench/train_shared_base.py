@@ -3,8 +3,8 @@
 Usage: ``python -m bench.train_shared_base [--model smollm2] [--steps 4]``. Builds the real app (CPU), runs one job
 with ``training_share_base`` on, then one with it off, and prints for each: seconds from ``create`` to the job's
 first optimizer step (wall clock, includes the worker's Python/torch imports) and from the trainer's start to it
-(the worker's own ``elapsed_seconds``: tokenizer, data, base model, Trainer set-up, step 1), and the worker's memory from
-``/proc/<pid>/smaps_rollup`` sampled at its first step (Rss, Pss, Private, Shared, KiB), plus the Rss of its
+(the worker's own ``elapsed_seconds``: tokenizer, data, base model, Trainer set-up, step 1), and the worker's
+memory from ``/proc/<pid>/smaps_rollup`` sampled at its first step (Rss, Pss, Private, Shared, KiB), plus the Rss of its
 mapping of the server's shared arena (``/proc/<pid>/smaps``).
 """
 

@@ -136,13 +136,8 @@ class SharedBase:
         self.nbytes = int(arena.numel())
         self.device = arena.device
         self._fd: int | None = None
-        self._cuda_rebuild = None
         if arena.device.type == "cpu":
             self._fd = int(arena.untyped_storage()._share_fd_cpu_()[0])  # already shared: returns its fd
-        else:
-            from torch.multiprocessing.reductions import reduce_tensor
-
-            self._cuda_rebuild = reduce_tensor(arena)
 
     @classmethod
     def export(cls, model: torch.nn.Module, info, quantization_config) -> "SharedBase":
@@ -234,6 +229,8 @@ class SharedBase:
             storage = arena.untyped_storage()
             for t in tensors.values():  # from here on the model's tensors live in the arena
                 t.set_(storage, offsets[id(t)] // t.element_size(), t.size(), t.stride())
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the old copies' blocks back: the KV cache is sized from free memory
 
         def ref(t: torch.Tensor) -> _Ref:
             return _Ref(offsets[id(t)], _dtype_name(t.dtype), tuple(t.shape), tuple(t.stride()))
@@ -261,7 +258,12 @@ class SharedBase:
     def handoff(self, job_dir: Path) -> tuple[int, ...]:
         """Write ``job_dir/HANDOFF_FILE`` for a worker and return the descriptors its ``Popen`` must pass
         (``pass_fds``; the arena's on a CPU, none on CUDA)."""
-        payload = _Handoff(self.nbytes, str(self.device), self._fd, self._cuda_rebuild, self._entries,
+        cuda_rebuild = None
+        if self._fd is None:  # a CUDA IPC handle, with its own slot in torch's IPC reference counting per worker
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            cuda_rebuild = reduce_tensor(self._arena)
+        payload = _Handoff(self.nbytes, str(self.device), self._fd, cuda_rebuild, self._entries,
                            self._hf_config, self._info, self._qc)
         path = Path(job_dir) / HANDOFF_FILE
         tmp = path.with_name(f".{path.name}.tmp")
@@ -299,6 +301,13 @@ def _protect_read_only(arena: torch.Tensor) -> None:
         raise OSError(err, f"mprotect of the shared base failed: {os.strerror(err)}")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` → ``cuda:<current device>``, so that devices compare equal however they were spelled."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _view(arena: torch.Tensor, r: _Ref) -> torch.Tensor:
     dtype = _dtype(r.dtype)
     size = torch.empty(0, dtype=dtype).element_size()
@@ -334,8 +343,8 @@ def attach(job_dir: Path, model_config):
         payload: _Handoff = pickle.loads(path.read_bytes())
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
         raise FailedPrecondition(f"no usable shared base hand-off ({exc})", field="model") from exc
-    device = resolve_device(model_config.device)
-    if torch.device(payload.device) != device:
+    device = _indexed(resolve_device(model_config.device))
+    if _indexed(torch.device(payload.device)) != device:
         raise FailedPrecondition(f"the shared base is on {payload.device}, the job trains on {device}",
                                  field="model")
     if payload.fd is not None:
@@ -364,10 +373,10 @@ def attach(job_dir: Path, model_config):
                     if q.state2_absmax is not None:
                         state2 = QuantState(absmax=_view(arena, q.state2_absmax), code=_view(arena, q.state2_code),
                                             blocksize=q.state2_blocksize, dtype=torch.float32)
+                    offset = _view(arena, q.offset) if q.offset is not None else None
                     qs = QuantState(absmax=_view(arena, q.absmax), shape=torch.Size(q.shape),
                                     code=_view(arena, q.code), blocksize=q.blocksize, quant_type=q.quant_type,
-                                    dtype=_dtype(q.dtype), offset=_view(arena, q.offset) if q.offset is not None else None,
-                                    state2=state2)
+                                    dtype=_dtype(q.dtype), offset=offset, state2=state2)
                     obj = bnb.nn.Params4bit(_view(arena, q.data), requires_grad=False, quant_state=qs,
                                             blocksize=q.param_blocksize, compress_statistics=q.compress_statistics,
                                             quant_type=q.quant_type, quant_storage=_dtype(q.quant_storage),

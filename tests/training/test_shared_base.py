@@ -66,7 +66,7 @@ def tiny_cfg(tmp_path) -> ModelConfig:
     return ModelConfig(model=str(base), device="cpu")
 
 
-def test_attached_base_is_the_loaded_model_bit_for_bit_without_its_weight_file(tiny_cfg, tmp_path):
+def test_attached_base_is_the_loaded_model_bit_for_bit_without_its_weight_file(tiny_cfg, tmp_path, monkeypatch):
     served, _, info = load_base_model(tiny_cfg)
     reference, _, _ = load_base_model(tiny_cfg)  # an independent load: the oracle
     before = _state_sha(served)
@@ -83,6 +83,14 @@ def test_attached_base_is_the_loaded_model_bit_for_bit_without_its_weight_file(t
     # Every tensor is a view of one mapping of nbytes (not copies scattered over the heap).
     ptrs = [t.data_ptr() for t in _base_tensors(rebuilt).values()]
     assert max(ptrs) - min(ptrs) < nbytes
+    def no_loading(_cfg):
+        raise AssertionError("the shared path loaded the base")
+
+    monkeypatch.setattr("server.model.base.load_base_model", no_loading)
+    events = []
+    via_worker, _ = shared_base.worker_loader(tmp_path, events.append)(tiny_cfg)
+    assert _state_sha(via_worker) == _state_sha(reference)
+    assert [(e["source"], e["bytes"]) for e in events] == [("shared", shared.nbytes)]
     _no_repack(rebuilt)
     _no_repack(reference)
     with torch.no_grad():
