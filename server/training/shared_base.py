@@ -257,18 +257,24 @@ class SharedBase:
 
     def handoff(self, job_dir: Path) -> tuple[int, ...]:
         """Write ``job_dir/HANDOFF_FILE`` for a worker and return the descriptors its ``Popen`` must pass
-        (``pass_fds``; the arena's on a CPU, none on CUDA)."""
-        cuda_rebuild = None
-        if self._fd is None:  # a CUDA IPC handle, with its own slot in torch's IPC reference counting per worker
-            from torch.multiprocessing.reductions import reduce_tensor
-
-            cuda_rebuild = reduce_tensor(self._arena)
-        payload = _Handoff(self.nbytes, str(self.device), self._fd, cuda_rebuild, self._entries,
-                           self._hf_config, self._info, self._qc)
+        (``pass_fds``; the arena's on a CPU, none on CUDA). When that fails (a full disk, a CUDA error) it logs
+        why, leaves no hand-off and returns ``()``: the worker then loads its own base."""
         path = Path(job_dir) / HANDOFF_FILE
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(pickle.dumps(payload))
-        os.replace(tmp, path)
+        try:
+            cuda_rebuild = None
+            if self._fd is None:  # a CUDA IPC handle, with its own slot in torch's IPC reference counting
+                from torch.multiprocessing.reductions import reduce_tensor
+
+                cuda_rebuild = reduce_tensor(self._arena)
+            payload = _Handoff(self.nbytes, str(self.device), self._fd, cuda_rebuild, self._entries,
+                               self._hf_config, self._info, self._qc)
+            tmp.write_bytes(pickle.dumps(payload))
+            os.replace(tmp, path)
+        except (OSError, RuntimeError, pickle.PicklingError) as exc:
+            log.warning("cannot hand the shared base to the job in %s (%s); it loads its own", job_dir, exc)
+            tmp.unlink(missing_ok=True)
+            return ()
         return () if self._fd is None else (self._fd,)
 
 

@@ -207,3 +207,10 @@ def test_the_worker_maps_the_servers_memory_and_a_sigkill_leaves_serving_intact(
     assert shared.checksum() == before
     reply = served.generation.Generate(pb.GenerateRequest(prompt="say 3", max_new_tokens=4), timeout=60)
     assert reply.completion_tokens >= 1
+
+
+def test_a_hand_off_that_cannot_be_written_leaves_nothing_and_passes_no_descriptor(tmp_path):
+    shared = SharedBase(torch.zeros(8, dtype=torch.uint8), (), None, None, None)
+    assert shared.handoff(tmp_path / "gone") == ()  # the worker then finds no hand-off and loads its own base
+    assert not (tmp_path / "gone").exists()
+    assert len(shared.handoff(tmp_path)) == 1 and (tmp_path / HANDOFF_FILE).is_file()
