@@ -283,7 +283,7 @@ class JobBudget:
         if batch:
             raise FailedPrecondition(f"{what}; batch_size {batch} fits at max_seq_length {config.max_seq_length}",
                                      field="config.batch_size")
-        seq = _largest(lambda n: fits(batch_size=1, max_seq_length=n), config.max_seq_length - 1)
+        seq = _largest(lambda n: fits(batch_size=1, max_seq_length=n), config.max_seq_length - 1, least=2)
         if seq:
             raise FailedPrecondition(f"{what}; at batch_size 1, max_seq_length {seq} fits",
                                      field="config.max_seq_length")
@@ -294,9 +294,11 @@ class JobBudget:
         return {"memory_bytes": int(budget), "device": self.device, "threads": self.threads, "nice": self.nice}
 
 
-def _largest(ok, hi: int) -> int:
-    """Largest n in 1..hi with ``ok(n)`` (``ok`` monotone: true up to some n), or 0."""
-    lo = 0
+def _largest(ok, hi: int, least: int = 1) -> int:
+    """Largest n in least..hi with ``ok(n)`` (``ok`` monotone: true up to some n), or 0."""
+    if hi < least or not ok(least):
+        return 0
+    lo = least
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if ok(mid):
