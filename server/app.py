@@ -21,6 +21,7 @@ from server.metrics import Metrics
 from server.model.base import BaseModelInfo, load_base_model
 from server.model.runner import build_runner
 from server.training.jobs import DB_FILE, JobStore
+from server.training.budget import JobBudget, ModelShape
 from server.training.manager import TrainingManager
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,11 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     metrics.adapters_registered.set(len(store.list()))
     store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
     try:
+        budget = JobBudget(ModelShape.from_hf_config(model.config, compute_dtype, base_info.weight_bytes),
+                           str(base_info.device), memory_bytes=config.training.memory_bytes,
+                           threads=config.training.threads, nice=config.training.nice)
         training = TrainingManager(store, JobStore(config.state_dir / DB_FILE), config.state_dir, metrics,
-                                   model_config=config.model).start()
+                                   model_config=config.model, budget=budget).start()
     except BaseException:
         cache.close()
         raise

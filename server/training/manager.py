@@ -260,11 +260,17 @@ class TrainingManager:
         python: interpreter that runs the worker (default: this one).
         terminate_grace_s: seconds between SIGTERM and SIGKILL when stopping a worker.
         poll_interval_s: how often the scheduler reads progress and checks the worker (seconds).
+        budget: the jobs' memory / thread / priority budgets (``server.training.budget.JobBudget``), or None for
+            none. With one, :meth:`create` refuses a job whose estimated peak memory exceeds the budget
+            (FAILED_PRECONDITION naming ``config.batch_size`` or ``config.max_seq_length``), the check runs again
+            when the job starts (failing it), the worker runs with the budget's threads and niceness, and on the
+            CPU a worker whose resident memory exceeds the budget is stopped and its job failed
+            (``RESOURCE_EXHAUSTED: ...``).
     """
 
     def __init__(self, adapter_store, job_store: JobStore, state_dir: Path, metrics=None, *,
                  model_config: ModelConfig, python: str = sys.executable, terminate_grace_s: float = 10.0,
-                 poll_interval_s: float = 0.2) -> None:
+                 poll_interval_s: float = 0.2, budget=None) -> None:
         self._store = adapter_store
         self._jobs = job_store
         self.state_dir = Path(state_dir).absolute()
@@ -274,6 +280,7 @@ class TrainingManager:
         self._python = python
         self._grace = terminate_grace_s
         self._poll = poll_interval_s
+        self._budget = budget
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._watchers: dict[str, set[JobWatch]] = {}
@@ -350,7 +357,9 @@ class TrainingManager:
             AlreadyExists: ``adapter_id`` is registered, or a queued/running job will register it, and
                 ``replace`` is false (``field="adapter_id"``).
             Cancelled: the server is shutting down.
-            FailedPrecondition: another server holds the state directory.
+            FailedPrecondition: another server holds the state directory; or the job's estimated peak memory
+                exceeds the training memory budget (``field`` ``config.batch_size`` or ``config.max_seq_length``,
+                see ``JobBudget.check``).
         """
         from trainer.data import read_jsonl
 
@@ -370,6 +379,8 @@ class TrainingManager:
                                     self._model_config, job_dir / worker_files.OUTPUT_SUBDIR)
         read_jsonl(dataset, field="dataset_path")  # every record well formed (tokenization happens in the worker)
         check_servable(config, self._store.base)  # never train what registration would refuse
+        if self._budget is not None:
+            self._budget.check(config)  # the estimated peak memory fits the budget (checked again at start)
         with self._wake:  # the checks and the insert are atomic with respect to other creates
             if self._closing:
                 raise Cancelled("the server is shutting down")
@@ -525,7 +536,16 @@ class TrainingManager:
         if job_dir.exists():
             shutil.rmtree(job_dir)
         job_dir.mkdir(parents=True)
-        worker_files.write_json_atomically(job_dir / worker_files.JOB_FILE, {"config": dict(job.config)})
+        spec: dict[str, Any] = {"config": dict(job.config)}
+        if self._budget is not None:
+            limits = self._start_budget(job)
+            if isinstance(limits, str):
+                self._finish(active, FAILED, error=limits)
+                return
+            spec["budget"] = limits
+        memory_budget = spec.get("budget", {}).get("memory_bytes", 0)
+        over_budget = ""
+        worker_files.write_json_atomically(job_dir / worker_files.JOB_FILE, spec)
         with open(job_dir / worker_files.LOG_FILE, "ab") as log_file:
             proc = subprocess.Popen([self._python, "-m", WORKER_MODULE, str(job_dir)], stdin=subprocess.DEVNULL,
                                     stdout=log_file, stderr=subprocess.STDOUT, env=self._worker_env(),
@@ -539,6 +559,9 @@ class TrainingManager:
                     self._on_progress(job.job_id, record)
                 if active.cancel.wait(self._poll):
                     self._terminate(proc)
+                over_budget = over_budget or self._check_memory(job.job_id, proc, memory_budget)
+                if over_budget:
+                    self._terminate(proc)
                 if proc.poll() is not None:
                     break
             for record in tail.read():
@@ -549,6 +572,10 @@ class TrainingManager:
         with self._lock:
             cancelled = active.cancel.is_set()
             active.registering = not cancelled
+        if over_budget and not cancelled:
+            log.warning("training job %s failed: %s", job.job_id, over_budget)
+            self._finish(active, FAILED, error=over_budget)
+            return
         if cancelled:
             shutil.rmtree(job_dir, ignore_errors=True)
             self._finish(active, CANCELLED, error=active.cancel_error,
@@ -574,6 +601,37 @@ class TrainingManager:
         shutil.rmtree(job_dir / worker_files.OUTPUT_SUBDIR / "checkpoints", ignore_errors=True)
         self._finish(active, SUCCEEDED, message=f"adapter {job.adapter_id} registered")
 
+    def _start_budget(self, job: Job) -> dict | str:
+        """Check the job's memory again as it starts (free memory may have changed since create) and publish its
+        budget and estimate; returns the worker's budget settings, or the job's error when it no longer fits."""
+        from trainer.config import TrainConfig
+
+        try:
+            budget, estimate = self._budget.check(TrainConfig.from_dict(job.config))
+        except ServerError as exc:
+            return f"{exc.code}: {exc} (checked when the job started)"
+        if self._metrics is not None:
+            self._metrics.training_job_memory(job.job_id, budget=budget, estimate=estimate)
+        return self._budget.worker_settings(budget)
+
+    def _check_memory(self, job_id: str, proc: subprocess.Popen, budget: int) -> str:
+        """On a CPU server: publish the worker's current and peak RSS and return the job's error when the RSS
+        exceeds ``budget`` (bytes; 0 = no check), else ``""``. On CUDA the worker reports its own memory."""
+        if self._budget is None or not self._budget.on_cpu:
+            return ""
+        from server.training.budget import read_rss
+
+        rss = read_rss(proc.pid)
+        if rss is None:
+            return ""
+        if self._metrics is not None:
+            self._metrics.training_job_memory(job_id, current=rss[0], peak=rss[1])
+        if budget and rss[0] > budget:
+            return (f"RESOURCE_EXHAUSTED: the worker's resident memory ({rss[0]} bytes) exceeded the job's memory "
+                    f"budget ({budget} bytes); lower config.batch_size or config.max_seq_length, or raise "
+                    f"--training-memory-bytes (worker stopped)")
+        return ""
+
     def _terminate(self, proc: subprocess.Popen) -> None:
         """SIGTERM the worker's process group, SIGKILL it after the grace period; returns once the worker is
         reaped."""
@@ -595,6 +653,12 @@ class TrainingManager:
 
     def _on_progress(self, job_id: str, record: dict[str, Any]) -> None:
         event = record.get("event")
+        if self._metrics is not None:
+            if event == "started" and isinstance(record.get("threads"), int):
+                self._metrics.training_job_threads(job_id, record["threads"])
+            if isinstance(record.get("memory_bytes"), int):  # a CUDA worker's allocator, with its step events
+                self._metrics.training_job_memory(job_id, current=record["memory_bytes"],
+                                                  peak=record.get("peak_memory_bytes"))
         if event not in ("phase", "step", "eval_progress", "eval", "done"):
             return
         fields: dict[str, Any] = {}

@@ -4,9 +4,10 @@ Run as ``python -m server.training.worker JOBDIR`` (``TrainingManager`` does thi
 session so a crash, an OOM kill or a signal to the server's terminal never reaches the other side). The job
 directory holds:
 
-* ``job.json`` (read): ``{"config": TrainConfig.to_dict()}``, written by the manager;
-* ``progress.jsonl`` (appended, one JSON object per line, flushed at once): ``{"event": "started", "pid": N}``
-  first, then every dict the trainer's ``on_progress`` gives (``event`` ``"step"``, ``"eval"`` or ``"done"``, with
+* ``job.json`` (read): ``{"config": TrainConfig.to_dict(), "budget": {...}}``, written by the manager (``budget``,
+  optional: ``server.training.budget.JobBudget.worker_settings``, applied before the trainer is imported);
+* ``progress.jsonl`` (appended, one JSON object per line, flushed at once): ``{"event": "started", "pid": N,
+  "threads": T, "nice": K, "memory_budget_bytes": B}`` first (the budget in force), then every dict the trainer's ``on_progress`` gives (``event`` ``"step"``, ``"eval"`` or ``"done"``, with
   step, total_steps, loss, eval_loss, tokens_per_second, learning_rate, ...);
 * ``result.json`` (written atomically on success, exit status 0): adapter_dir, steps, train_loss, eval_loss,
   seconds;
@@ -93,6 +94,31 @@ def _progress_writer(path: Path, crash_at: tuple[int, int] | None) -> tuple[Call
     return emit, f
 
 
+def _read_budget(job_dir: Path) -> dict | None:
+    """The ``budget`` of ``job.json`` (None when absent or unreadable: the trainer's own read reports that)."""
+    try:
+        return json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8")).get("budget")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _with_cuda_memory(emit: Callable[[dict], None], device: str) -> Callable[[dict], None]:
+    """``emit`` that adds ``memory_bytes`` / ``peak_memory_bytes`` (the CUDA allocator's allocated and peak
+    allocated bytes) to each step event when training runs on CUDA; ``emit`` itself otherwise."""
+    import torch
+
+    if not torch.cuda.is_available() or not (device.startswith("cuda") or device == "auto"):
+        return emit
+
+    def emit_with_memory(record: dict) -> None:
+        if record.get("event") == "step":
+            record = {**record, "memory_bytes": int(torch.cuda.memory_allocated()),
+                      "peak_memory_bytes": int(torch.cuda.max_memory_allocated())}
+        emit(record)
+
+    return emit_with_memory
+
+
 def run(job_dir: Path) -> int:
     """Run the job in ``job_dir`` (see the module docstring for the files); returns the exit status (0 on
     success, ``EXIT_ERROR`` or ``EXIT_INTERNAL`` on failure, with ``error.json`` written)."""
@@ -100,7 +126,10 @@ def run(job_dir: Path) -> int:
     crash_at = parse_test_exit(os.environ.get(TEST_EXIT_ENV))
     emit, progress_file = _progress_writer(job_dir / PROGRESS_FILE, crash_at)
     try:
-        emit({"event": "started", "pid": os.getpid()})
+        from server.training.budget import apply_worker_budget
+
+        applied = apply_worker_budget(_read_budget(job_dir))
+        emit({"event": "started", "pid": os.getpid(), **applied})
         from server.errors import ServerError
 
         try:
@@ -109,12 +138,20 @@ def run(job_dir: Path) -> int:
 
             spec = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
             config = TrainConfig.from_dict(spec["config"])
-            result = train(config, on_progress=emit)
+            result = train(config, on_progress=_with_cuda_memory(emit, config.device))
         except ServerError as exc:
             log.error("training failed: %s: %s", exc.code, exc)
             write_json_atomically(job_dir / ERROR_FILE, {"code": exc.code, "message": str(exc), "field": exc.field})
             return EXIT_ERROR
         except Exception as exc:  # noqa: BLE001 - anything else is reported, with its traceback in the log
+            if type(exc).__name__ == "OutOfMemoryError" and applied["memory_budget_bytes"]:
+                log.error("training ran out of its memory budget:\n%s", traceback.format_exc())
+                write_json_atomically(job_dir / ERROR_FILE, {
+                    "code": "RESOURCE_EXHAUSTED", "field": "config.batch_size",
+                    "message": f"the job needed more than its memory budget of {applied['memory_budget_bytes']} "
+                               f"bytes; lower config.batch_size or config.max_seq_length, or raise "
+                               f"--training-memory-bytes ({exc})"})
+                return EXIT_ERROR
             log.error("training crashed:\n%s", traceback.format_exc())
             write_json_atomically(job_dir / ERROR_FILE, {"code": "INTERNAL", "field": None,
                                                          "message": f"{type(exc).__name__}: {exc}"})
