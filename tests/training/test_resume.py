@@ -1,0 +1,130 @@
+"""Interrupted jobs in the store, without a model: back to the queue in FIFO place, bounded restarts, migration."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.errors import FailedPrecondition
+from server.training.jobs import (
+    DB_FILE,
+    FAILED,
+    INTERRUPTED_ERROR,
+    MAX_RESTARTS,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    JobStore,
+)
+
+
+def _job(job_id: str, created_at: float) -> Job:
+    return Job(job_id=job_id, state=QUEUED, adapter_id=f"ad-{job_id}", created_at=created_at,
+               output_dir=f"/jobs/{job_id}", dataset_path="/d.jsonl", config={"r": 4})
+
+
+def test_a_version_2_database_gains_the_resume_columns(tmp_path):
+    path = tmp_path / DB_FILE
+    with sqlite3.connect(path) as raw:  # the schema before resume existed (version 2: with phase)
+        raw.executescript("""
+            CREATE TABLE jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, adapter_id TEXT NOT NULL,
+                replace INTEGER NOT NULL, dataset_path TEXT NOT NULL, config TEXT NOT NULL,
+                step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0, loss REAL, eval_loss REAL,
+                error TEXT NOT NULL DEFAULT '', phase TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL,
+                started_at REAL, finished_at REAL, output_dir TEXT NOT NULL, pid INTEGER);
+            INSERT INTO jobs (id, state, adapter_id, replace, dataset_path, config, step, phase, created_at,
+                              output_dir) VALUES ('left', 'running', 'a', 0, '/d.jsonl', '{}', 3, 'training', 1.0, '/o');
+            PRAGMA user_version=2;""")
+    store = JobStore(path)
+    try:
+        left = store.get("left")
+        assert (left.resumed_from_step, left.restarts, left.step) == (0, 0, 3)
+        [recovered] = store.recover_interrupted(now=5.0)  # an old server's interrupted job resumes too
+        assert (recovered.job_id, recovered.state, recovered.restarts, recovered.phase) == ("left", QUEUED, 1, "")
+        store.transition("left", RUNNING)
+        assert store.update("left", resumed_from_step=2).resumed_from_step == 2
+    finally:
+        store.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
+        columns = {r[1] for r in raw.execute("PRAGMA table_info(jobs)")}
+    assert {"resumed_from_step", "restarts"} <= columns
+
+
+def test_only_a_running_job_can_be_interrupted(tmp_path):
+    store = JobStore(tmp_path / DB_FILE)
+    try:
+        store.create(_job("q", 1.0))
+        with pytest.raises(FailedPrecondition) as info:
+            store.requeue_interrupted("q", now=2.0)
+        assert info.value.field == "job_id" and store.get("q").restarts == 0
+    finally:
+        store.close()
+
+
+#: One event in a job's life: the scheduler starts it, the server shuts down gracefully while it runs (the manager
+#: requeues it), or the server dies while it runs (a new store recovers it).
+_EVENTS = st.lists(st.sampled_from(["run", "shutdown", "crash"]), max_size=4 * (MAX_RESTARTS + 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_EVENTS)
+def test_interruptions_requeue_in_fifo_place_until_the_bound_then_fail(events):
+    """Any sequence of runs, graceful shutdowns and crashes: every interruption up to ``MAX_RESTARTS`` puts the job
+    back in the queue ahead of a job created after it, counted in ``restarts``; the next one fails it, naming the
+    count; it never leaves a terminal state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / DB_FILE
+        store = JobStore(path)
+        store.create(_job("first", 1.0))
+        store.create(_job("later", 2.0))
+        interruptions = 0
+        try:
+            for event in events:
+                job = store.get("first")
+                if event == "run":
+                    if job.state == QUEUED:
+                        assert store.next_queued().job_id == "first"  # ahead of the job created after it
+                        store.transition("first", RUNNING, phase="loading")
+                    continue
+                if job.state != RUNNING:
+                    continue
+                interruptions += 1
+                if event == "shutdown":
+                    job = store.requeue_interrupted("first", now=10.0)
+                else:
+                    store.close()  # the server died; a restarted one opens the file again
+                    store = JobStore(path)
+                    [job] = store.recover_interrupted(now=10.0)
+                if interruptions <= MAX_RESTARTS:
+                    assert (job.state, job.restarts, job.error, job.finished_at) == (QUEUED, interruptions, "", None)
+                else:
+                    assert (job.state, job.restarts, job.finished_at) == (FAILED, MAX_RESTARTS, 10.0)
+                    assert job.error.startswith(f"{INTERRUPTED_ERROR}: interrupted {interruptions} times")
+                    assert "/jobs/first" in job.error  # where its checkpoints are
+                assert store.get("later").state == QUEUED  # the other job is never touched
+            final = store.get("first")
+            assert final.restarts == min(interruptions, MAX_RESTARTS)
+            assert (final.state == FAILED) == (interruptions > MAX_RESTARTS)
+        finally:
+            store.close()
+
+
+def test_a_finished_job_is_not_recovered(tmp_path):
+    store = JobStore(tmp_path / DB_FILE)
+    try:
+        store.create(_job("done", 1.0))
+        store.transition("done", RUNNING)
+        store.transition("done", SUCCEEDED, finished_at=2.0)
+        assert store.recover_interrupted(now=3.0) == []
+        with pytest.raises(FailedPrecondition):
+            store.requeue_interrupted("done", now=3.0)
+        assert store.get("done").state == SUCCEEDED
+    finally:
+        store.close()
