@@ -128,3 +128,25 @@ def test_a_finished_job_is_not_recovered(tmp_path):
         assert store.get("done").state == SUCCEEDED
     finally:
         store.close()
+
+
+def test_the_cli_shows_restarts_and_the_resume_step(capsys):
+    from server.training.commands import _jobs_list, _watch, job_json
+    from server.training.jobs import JobEvent
+
+    resumed = Job(job_id="job-r", state=RUNNING, adapter_id="a", step=5, total_steps=8, phase="training",
+                  resumed_from_step=4, restarts=2, created_at=1.0)
+    fresh = Job(job_id="job-f", state=QUEUED, adapter_id="b", created_at=2.0)
+    done = Job(job_id="job-r", state=SUCCEEDED, adapter_id="a", step=8, total_steps=8, resumed_from_step=4,
+               restarts=2, created_at=1.0)
+    client = type("Client", (), {"list_training_jobs": lambda self: [fresh, resumed],
+                                 "watch_training_job": lambda self, _id: iter([JobEvent(resumed, "step 5/8"),
+                                                                               JobEvent(done, "registered")])})()
+    assert (job_json(resumed)["resumed_from_step"], job_json(resumed)["restarts"]) == (4, 2)  # jobs get / --json
+    _jobs_list(client, type("Args", (), {"json": False})())
+    header, line_fresh, line_resumed = capsys.readouterr().out.splitlines()
+    assert "RESTARTS" in header.split()
+    assert "2 (from step 4)" in line_resumed and "from step" not in line_fresh
+    assert _watch(client, "job-r") == 0
+    assert capsys.readouterr().out.splitlines() == ["job-r running/training 5/8 [restart 2 from step 4] step 5/8",
+                                                    "job-r succeeded 8/8 [restart 2 from step 4] registered"]
