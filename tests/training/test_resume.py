@@ -150,3 +150,32 @@ def test_the_cli_shows_restarts_and_the_resume_step(capsys):
     assert _watch(client, "job-r") == 0
     assert capsys.readouterr().out.splitlines() == ["job-r running/training 5/8 [restart 2 from step 4] step 5/8",
                                                     "job-r succeeded 8/8 [restart 2 from step 4] registered"]
+
+
+def test_a_job_that_had_written_its_result_is_registered_without_training_again(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from server.config import ModelConfig
+    from server.training.manager import TrainingManager
+    from tests.training.conftest import wait_for
+
+    state = tmp_path / "state"
+    job_dir = state / "jobs" / "job-x"
+    (job_dir / "output" / "adapter").mkdir(parents=True)
+    (job_dir / "result.json").write_text(json.dumps({"adapter_dir": str(job_dir / "output" / "adapter")}))
+    store = JobStore(state / DB_FILE)  # the server died after the worker's success, before registering
+    store.create(Job(job_id="job-x", state=QUEUED, adapter_id="ad", created_at=1.0, output_dir=str(job_dir)))
+    store.transition("job-x", RUNNING, phase="saving")
+    store.close()
+    registered = []
+    adapters = SimpleNamespace(register=lambda adapter_id, path, replace: registered.append((adapter_id, path)))
+    manager = TrainingManager(adapters, JobStore(state / DB_FILE), state, model_config=ModelConfig(model="unused"),
+                              python=str(tmp_path / "no-such-python"), poll_interval_s=0.05).start()
+    try:
+        wait_for(lambda: manager.get("job-x").terminal, what="the job to end")
+        job = manager.get("job-x")
+    finally:
+        manager.close()
+    assert (job.state, job.restarts, job.error) == (SUCCEEDED, 1, "")  # no worker could have run
+    assert registered == [("ad", job_dir / "output" / "adapter")]
