@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 """
 _COLUMNS = ("id", "state", "adapter_id", "replace", "dataset_path", "config", "step", "total_steps", "loss",
-            "eval_loss", "error", "phase", "resumed_from_step", "restarts", "created_at", "started_at", "finished_at", "output_dir", "pid")
+            "eval_loss", "error", "phase", "resumed_from_step", "restarts", "created_at", "started_at", "finished_at",
+            "output_dir", "pid")
 # Columns update() / transition() may set (the rest are fixed at creation).
 _MUTABLE = frozenset({"step", "total_steps", "loss", "eval_loss", "error", "phase", "resumed_from_step",
                       "started_at", "finished_at", "pid"})
@@ -292,7 +293,8 @@ class JobStore:
             raise InvalidArgument(f"must be one of {STATES}, got {job.state!r}", field="state")
         values = (job.job_id, job.state, job.adapter_id, int(job.replace), job.dataset_path,
                   json.dumps(dict(job.config), sort_keys=True), job.step, job.total_steps, job.loss, job.eval_loss,
-                  job.error, job.phase, job.resumed_from_step, job.restarts, job.created_at, job.started_at, job.finished_at, job.output_dir, job.pid)
+                  job.error, job.phase, job.resumed_from_step, job.restarts, job.created_at, job.started_at,
+                  job.finished_at, job.output_dir, job.pid)
         with self._lock:
             db = self._conn(create=True)
             try:

@@ -39,7 +39,8 @@ def test_a_version_2_database_gains_the_resume_columns(tmp_path):
                 error TEXT NOT NULL DEFAULT '', phase TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL,
                 started_at REAL, finished_at REAL, output_dir TEXT NOT NULL, pid INTEGER);
             INSERT INTO jobs (id, state, adapter_id, replace, dataset_path, config, step, phase, created_at,
-                              output_dir) VALUES ('left', 'running', 'a', 0, '/d.jsonl', '{}', 3, 'training', 1.0, '/o');
+                              output_dir)
+                VALUES ('left', 'running', 'a', 0, '/d.jsonl', '{}', 3, 'training', 1.0, '/o');
             PRAGMA user_version=2;""")
     store = JobStore(path)
     try:
