@@ -46,8 +46,9 @@ class App:
     shutting_down: threading.Event = field(default_factory=threading.Event)
 
     def close(self) -> None:
-        """Stop the training manager (a running job's worker is terminated, the job cancelled), the engine (running
-        requests end CANCELLED) and the background threads."""
+        """Stop the training manager (a running job's worker stops at the end of its step with a checkpoint; the
+        job is queued to resume when a server starts again), the engine (running requests end CANCELLED) and the
+        background threads."""
         if self.training is not None:
             self.training.close()
         self._sampler_stop.set()
