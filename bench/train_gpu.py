@@ -6,7 +6,7 @@
 
 Both stacks get the same NF4 + double-quant base (random bf16 weights made here with seed 0, quantized by
 bitsandbytes through ``BitsAndBytesConfig``), LoRA r=16, alpha 32, dropout 0 on every linear layer of the blocks,
-bitsandbytes' paged AdamW 8-bit (lr 1e-3 constant, grad-norm clip 0.3), and the same batches: synthetic sequences
+bitsandbytes' paged AdamW 8-bit (lr 2e-4 constant, grad-norm clip 0.3), and the same batches: synthetic sequences
 of exactly ``--seq`` tokens drawn from 256 ids (learnable: the loss falls from ln(vocab) toward ln 256), every
 token supervised. The only difference is how the step is computed:
 
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SUBSET = 256  # synthetic tokens come from this many ids
+LR = [2e-4]  # set from --lr before the stacks are built
 
 
 def llama_config(tiny: bool, seq: int):
@@ -98,7 +99,7 @@ class Stack:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
-        self.opt = bnb.optim.PagedAdamW8bit(params, lr=1e-3, weight_decay=0.0)
+        self.opt = bnb.optim.PagedAdamW8bit(params, lr=LR[0], weight_decay=0.0)
         self.losses: list[float] = []
         self.tps: dict[int, list[float]] = {}
         self.peak: dict[int, int] = {}
@@ -258,7 +259,9 @@ def main() -> None:
     ap.add_argument("--ours", default="ours=graph:1:all,4:none",
                     help="our stacks, ';'-separated NAME=graph|eager:CKPT (CKPT: batch:all|none|N,...)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (QLoRA's 2e-4 by default)")
     args = ap.parse_args()
+    LR[0] = args.lr
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compute = torch.bfloat16 if device == "cuda" else torch.float32
