@@ -334,12 +334,14 @@ def _make_trainer_class():
 
     class _QLoRATrainer(Trainer):
         """transformers' Trainer plus a per-micro-batch loss check (NaN/inf stops before the optimizer step) and
-        the ``evaluating`` phase around every evaluation."""
+        the ``evaluating`` phase around every evaluation, which batches with ``eval_collator`` (padded: the eval
+        loss and its progress count stay per example whatever the training collator)."""
 
-        def __init__(self, *args, monitor: _Monitor, graphs=None, **kwargs):
+        def __init__(self, *args, monitor: _Monitor, graphs=None, eval_collator=None, **kwargs):
             super().__init__(*args, **kwargs)
             self._monitor = monitor
             self._graphs = graphs
+            self._eval_collator = eval_collator
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """The causal-LM loss without materialising the logits (``trainer.fast.chunked_causal_lm_loss``),
@@ -369,7 +371,13 @@ def _make_trainer_class():
             monitor.eval_done = 0
             monitor.eval_total = len(self.eval_dataset) if self.eval_dataset is not None else 0
             monitor.set_phase("evaluating")
-            metrics = super().evaluate(*args, **kwargs)
+            train_collator = self.data_collator
+            if self._eval_collator is not None:
+                self.data_collator = self._eval_collator
+            try:
+                metrics = super().evaluate(*args, **kwargs)
+            finally:
+                self.data_collator = train_collator
             if monitor.training:
                 monitor.set_phase("training")
             return metrics
@@ -626,7 +634,7 @@ class TrainingSession:
 
     def run(self) -> TrainResult:
         """Validate the data, load the model, train, evaluate and write the adapter. See ``train``."""
-        from transformers import DataCollatorForSeq2Seq, PrinterCallback
+        from transformers import PrinterCallback
 
         cfg = self.config
         t0 = time.monotonic()
@@ -666,11 +674,11 @@ class TrainingSession:
             args=args,
             train_dataset=data_mod.to_features(train_ex),
             eval_dataset=data_mod.to_features(eval_ex) if eval_ex else None,
-            data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=data_mod.IGNORE_INDEX,
-                                                 return_tensors="pt"),
+            data_collator=data_mod.make_collator(tok, cfg.packing),
             callbacks=[_make_callback(monitor)],
             monitor=monitor,
             graphs=self._step_graphs(model),
+            eval_collator=data_mod.make_collator(tok, packing=False),
         )
         trainer.remove_callback(PrinterCallback)
         self.trainer = trainer

@@ -32,7 +32,7 @@ _SCALAR_CONFIG_FIELDS = {"r": False, "lora_alpha": True, "lora_dropout": True, "
                          "max_grad_norm": False, "weight_decay": False, "truncate": False, "eval_steps": False,
                          "save_steps": False, "save_total_limit": False, "logging_steps": False,
                          "zero_loss_patience": False, "gradient_checkpointing": False,
-                         "eval_max_examples": False}
+                         "eval_max_examples": False, "packing": False}
 #: State name of ``JOB_STATE_UNSPECIFIED`` (or an unknown value) read from the wire.
 UNSPECIFIED_STATE = "unspecified"
 

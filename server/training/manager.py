@@ -42,7 +42,7 @@ TRAINING_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "
                           "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length",
                           "optim", "seed", "eval_fraction", "warmup_ratio", "lr_scheduler", "max_grad_norm",
                           "weight_decay", "truncate", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
-                          "zero_loss_patience", "gradient_checkpointing", "eval_max_examples")
+                          "zero_loss_patience", "gradient_checkpointing", "eval_max_examples", "packing")
 #: ``TrainConfig`` fields a job cannot set: the server fills them (its base model, dtype, device, cache; the job's
 #: dataset, directory and adapter id) or, being paths to other server-side inputs, they are not offered to jobs.
 #: Every other ``TrainConfig`` field is in ``TRAINING_CONFIG_FIELDS`` (tests/rpc/test_cli_jobs_create.py checks).
