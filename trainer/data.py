@@ -272,11 +272,13 @@ def to_features(examples: Sequence[TokenizedExample]) -> list[dict[str, list[int
             for e in examples]
 
 
-def make_collator(tokenizer, packing: bool):
+def make_collator(tokenizer, packing: bool, pad_to_multiple_of: int | None = None):
     """The ``transformers`` data collator that turns ``to_features`` dicts into one micro-batch.
 
-    ``packing=False``: ``DataCollatorForSeq2Seq`` right-pads to the longest example; returns ``input_ids``,
-    ``attention_mask`` and ``labels`` (padding labelled ``IGNORE_INDEX``), each int64 ``[batch, longest]``.
+    ``packing=False``: ``DataCollatorForSeq2Seq`` right-pads to the longest example (rounded up to
+    ``pad_to_multiple_of`` tokens when given, so that batch shapes repeat and a captured CUDA graph of the step can
+    replay, see ``trainer.step_graph``); returns ``input_ids``, ``attention_mask`` and ``labels`` (padding labelled
+    ``IGNORE_INDEX``), each int64 ``[batch, longest]``.
 
     ``packing=True``: ``DataCollatorWithFlattening`` concatenates the examples into one row with no padding;
     returns ``input_ids``, ``labels`` and ``position_ids``, each int64 ``[1, total tokens]``, and no
@@ -292,4 +294,5 @@ def make_collator(tokenizer, packing: bool):
 
     if packing:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt")
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt",
+                                  pad_to_multiple_of=pad_to_multiple_of)

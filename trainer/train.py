@@ -50,6 +50,9 @@ _RESUME_FIELDS = ("model", "r", "lora_alpha", "lora_dropout", "target_modules", 
                   "eval_fraction", "compute_dtype", "init_adapter")
 _CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_config.json")
 _RUN_MANIFEST = "run.json"
+#: Padded batches are rounded up to a multiple of this many tokens when steps replay from CUDA graphs, so that
+#: batch shapes repeat (a graph is captured per shape; ``trainer.step_graph.StepGraphs``).
+GRAPH_PAD_MULTIPLE = 64
 
 
 class TrainingDiverged(ServerError):
@@ -562,6 +565,11 @@ class TrainingSession:
         device = next(model.parameters()).device
         if device.type != "cuda":
             return None
+        if self.config.packing:
+            log.info("CUDA graphs off for this run: packed batches change shape every step; set packing: false "
+                     "(batches are then padded to a multiple of %d tokens) and lora_dropout: 0 to replay steps "
+                     "from graphs", GRAPH_PAD_MULTIPLE)
+            return None
         if self.config.gradient_checkpointing and uses_rng(model):
             log.info("CUDA graphs off for this run: dropout (lora_dropout=%g) inside checkpointed blocks needs the "
                      "RNG state, which a graph cannot capture; set lora_dropout: 0 or gradient_checkpointing: "
@@ -669,15 +677,16 @@ class TrainingSession:
             log.info("optimizer %s: bitsandbytes pages optimizer state only on CUDA; on the CPU it keeps ordinary "
                      "(non-paged) %s state", cfg.optim, "8-bit" if cfg.optim.endswith("8bit") else "32-bit")
         trainer_cls = _make_trainer_class()
+        graphs = self._step_graphs(model)
         trainer = trainer_cls(
             model=model,
             args=args,
             train_dataset=data_mod.to_features(train_ex),
             eval_dataset=data_mod.to_features(eval_ex) if eval_ex else None,
-            data_collator=data_mod.make_collator(tok, cfg.packing),
+            data_collator=data_mod.make_collator(tok, cfg.packing, None if graphs is None else GRAPH_PAD_MULTIPLE),
             callbacks=[_make_callback(monitor)],
             monitor=monitor,
-            graphs=self._step_graphs(model),
+            graphs=graphs,
             eval_collator=data_mod.make_collator(tok, packing=False),
         )
         trainer.remove_callback(PrinterCallback)
