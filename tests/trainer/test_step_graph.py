@@ -47,10 +47,10 @@ def _step(model, loss_fn, ids):
     return value, grads
 
 
-def _close(a, b, what):
-    """Within bf16 rounding of the largest value (2^-7 relative): the levers change summation order and dtypes."""
+def _close(a, b, what, rel: float = 2 ** -7):
+    """Within ``rel`` of the largest value of ``b``."""
     scale = max(float(b.abs().max()), 1e-12)
-    assert float((a - b).abs().max()) <= 2 ** -7 * scale, what
+    assert float((a - b).abs().max()) <= rel * scale, what
 
 
 def test_levers_and_graph_replay_match_the_plain_peft_step():
@@ -69,8 +69,10 @@ def test_levers_and_graph_replay_match_the_plain_peft_step():
         _close(g_loss, loss, "graph loss")
         for n in grads:
             _close(g_grads[n], grads[n], n)
+    # Against PEFT's float32 LoRA math the fused path computes LoRA in bf16 (as bf16 autocast would): measured on
+    # an H200, up to ~1 % of the largest gradient entry; a wrong scale or a missing term is off by 100 %.
     for n in ref_grads:
-        _close(grads[n], ref_grads[n], n)
+        _close(grads[n], ref_grads[n], n, rel=2 ** -5)
     other = torch.randint(1, 1000, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     assert float(graph(other, other)) != float(g_loss)  # the new batch is really read
     with pytest.raises(ValueError, match="shape"):
