@@ -21,6 +21,7 @@ from server.metrics import Metrics
 from server.model.base import BaseModelInfo, load_base_model
 from server.model.runner import build_runner
 from server.training.jobs import DB_FILE, JobStore
+from server.training.budget import JobBudget, ModelShape
 from server.training.manager import TrainingManager
 from server.training.shared_base import export_for_training
 
@@ -46,8 +47,9 @@ class App:
     shutting_down: threading.Event = field(default_factory=threading.Event)
 
     def close(self) -> None:
-        """Stop the training manager (a running job's worker is terminated, the job cancelled), the engine (running
-        requests end CANCELLED) and the background threads."""
+        """Stop the training manager (a running job's worker stops at the end of its step with a checkpoint; the
+        job is queued to resume when a server starts again), the engine (running requests end CANCELLED) and the
+        background threads."""
         if self.training is not None:
             self.training.close()
         self._sampler_stop.set()
@@ -109,8 +111,13 @@ def build_app(config: ServerConfig, model=None, tokenizer=None, base_info: BaseM
     metrics.adapters_registered.set(len(store.list()))
     store.subscribe(lambda _id, _event: metrics.adapters_registered.set(len(store.list())))
     try:
+        # A job that trains on the shared resident base adds no base weights of its own to the device.
+        base_bytes = 0 if shared_base is not None else base_info.weight_bytes
+        budget = JobBudget(ModelShape.from_hf_config(model.config, compute_dtype, base_bytes),
+                           str(base_info.device), memory_bytes=config.training.memory_bytes,
+                           threads=config.training.threads, nice=config.training.nice)
         training = TrainingManager(store, JobStore(config.state_dir / DB_FILE), config.state_dir, metrics,
-                                   model_config=config.model, shared_base=shared_base).start()
+                                   model_config=config.model, budget=budget, shared_base=shared_base).start()
     except BaseException:
         cache.close()
         raise

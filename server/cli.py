@@ -33,6 +33,7 @@ from server.config import (
     EngineConfig,
     ModelConfig,
     ServerConfig,
+    TrainingLimits,
 )
 from server.errors import ServerError
 from server.rpc.tls import add_client_tls_options, client_tls_from_args
@@ -135,6 +136,13 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-path", type=Path, action="append", default=[], metavar="DIR",
                    help="a root RegisterAdapter and CreateTrainingJob may read server paths under (repeatable); "
                         "default: any path without keys, none (upload only) with --api-keys-file")
+    p.add_argument("--training-memory-bytes", type=int_in(0, INT64_MAX), default=0,
+                   help="memory budget of a training job (bytes; CPU: worker RSS, CUDA: its allocator); 0 = auto "
+                        "(default): half the memory free on the device when the job is created and when it starts")
+    p.add_argument("--training-threads", type=int_in(0, 4096), default=0,
+                   help="CPU threads of a training job; 0 = auto (default): half the cores, at least 1")
+    p.add_argument("--training-nice", type=int_in(0, 19), default=TrainingLimits.nice,
+                   help=f"niceness of a training job's worker (default {TrainingLimits.nice}: serving wins the cores)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -310,7 +318,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "max_message_bytes", "metrics_host", "tls_cert", "tls_key", "tls_client_ca"):
         if getattr(args, name) is not None:
             server_kw[name] = getattr(args, name)
-    return ServerConfig(model=ModelConfig(**model_kw), engine=EngineConfig(**engine_kw), **server_kw)
+    training = TrainingLimits(memory_bytes=args.training_memory_bytes, threads=args.training_threads,
+                              nice=args.training_nice)
+    return ServerConfig(model=ModelConfig(**model_kw), engine=EngineConfig(**engine_kw), training=training,
+                        **server_kw)
 
 
 #: Commands that load a model: they need the ``server`` extra (the others are gRPC clients: grpcio and protobuf).

@@ -129,6 +129,29 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TrainingLimits:
+    """What one server-side training job may take from the machine (``server.training.budget`` applies them).
+
+    Attributes:
+        memory_bytes: the job's memory budget (bytes; CPU: the worker's resident memory, CUDA: its allocator on
+            the server's device); 0 = auto: half of the memory free on that device when the job is created and
+            again when it starts. A job whose estimated peak exceeds it is refused (FAILED_PRECONDITION).
+        threads: the worker's CPU threads (torch intra-op, OpenMP, MKL); 0 = auto: half the usable cores, at least
+            1, so serving keeps the other half.
+        nice: the worker's niceness (0..19; higher = lower CPU priority), so serving wins contended cores.
+    """
+
+    memory_bytes: int = 0
+    threads: int = 0
+    nice: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.memory_bytes >= 0, "training_memory_bytes", "must be >= 0 (0 = auto)")
+        _require(self.threads >= 0, "training_threads", "must be >= 0 (0 = auto)")
+        _require(0 <= self.nice <= 19, "training_nice", "must be 0..19")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``qlora-server serve`` needs; built once at start-up, never mutated.
 
@@ -161,6 +184,7 @@ class ServerConfig:
         training_share_base: training jobs train on the server's resident NF4 base, shared read-only with their
             worker process (``server.training.shared_base``), instead of each loading its own copy; when sharing
             is impossible jobs load their own with a logged reason.
+        training: memory, thread and priority budgets of training jobs.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,6 +208,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     training_share_base: bool = True
+    training: TrainingLimits = field(default_factory=TrainingLimits)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")

@@ -31,6 +31,8 @@ PHASES = ("prefill", "decode")
 COMPONENTS = ("base_weights", "adapter_banks", "adapter_host_cache", "kv_cache")
 #: ``kind`` label values of :attr:`Metrics.memory_bytes`.
 MEMORY_KINDS = ("allocated", "reserved", "peak", "total")
+#: ``kind`` label values of :attr:`Metrics.training_memory_bytes`.
+TRAINING_MEMORY_KINDS = ("budget", "estimate", "current", "peak")
 
 
 class Metrics:
@@ -129,6 +131,14 @@ class Metrics:
                                                 "Training throughput of the running job (tokens per second); 0 "
                                                 "once it ended, absent before its first step.", ["job_id"],
                                                 registry=r)
+        self.training_memory_bytes = Gauge("qlora_server_training_memory_bytes",
+                                           "Memory of the running (or last) training job by kind: budget, estimate "
+                                           "(its estimated peak), current and peak use (the worker's resident "
+                                           "memory on a CPU, its CUDA allocator's bytes on a GPU).",
+                                           ["job_id", "kind"], registry=r)
+        self.training_threads = Gauge("qlora_server_training_threads",
+                                      "CPU threads of the running (or last) training job's worker (torch intra-op "
+                                      "threads), as the worker reported them.", ["job_id"], registry=r)
         self._training_job: str | None = None  # the job whose training series exist
         self._training_throughput: set[str] = set()  # jobs with a tokens/s series
         for tier in TIERS:
@@ -164,6 +174,11 @@ class Metrics:
                     gauge.remove(previous)
                 except KeyError:
                     pass
+            for labels in [(previous,)] + [(previous, kind) for kind in TRAINING_MEMORY_KINDS]:
+                try:
+                    (self.training_threads if len(labels) == 1 else self.training_memory_bytes).remove(*labels)
+                except KeyError:
+                    pass
         self.training_step.labels(job_id).set(0)
 
     def training_job_progress(self, job_id: str, step: int | None = None, loss: float | None = None,
@@ -178,6 +193,19 @@ class Metrics:
             with self._lock:
                 self._training_throughput.add(job_id)
             self.training_tokens_per_second.labels(job_id).set(tokens_per_second)
+
+    def training_job_memory(self, job_id: str, **kinds: float | None) -> None:
+        """Record the job's memory (bytes) by kind (``budget``, ``estimate``, ``current``, ``peak``: keyword
+        arguments); None leaves a value as it is. Raises ValueError for another kind."""
+        for kind, value in kinds.items():
+            if kind not in TRAINING_MEMORY_KINDS:
+                raise ValueError(f"unknown training memory kind {kind!r}")
+            if value is not None:
+                self.training_memory_bytes.labels(job_id, kind).set(value)
+
+    def training_job_threads(self, job_id: str, threads: int) -> None:
+        """Record the CPU threads the job's worker runs with."""
+        self.training_threads.labels(job_id).set(threads)
 
     def training_job_ended(self, job_id: str) -> None:
         """A training job ended (any way): its step and loss series stay, labelled with its id, until the next job

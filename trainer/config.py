@@ -83,6 +83,10 @@ class TrainConfig:
             (default) resolves on the training device exactly as the server does (``server.model.dtype``), so a
             trainer and a server on the same machine use the same dtype.
         gradient_checkpointing: recompute block activations in the backward pass (non-reentrant).
+        packing: concatenate the examples of a training micro-batch into one row with no padding (position ids
+            restart at 0 per example, attention stays inside each example: ``data.make_collator``); the loss, its
+            gradients and the per-example logits are those of the padded batch up to float rounding. ``False`` pads
+            every micro-batch to its longest example. Evaluation batches are always padded.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         cache_dir: where the embedded model is converted to (as the server's ``ModelConfig.cache_dir``).
     """
@@ -120,6 +124,7 @@ class TrainConfig:
     zero_loss_patience: int = 3
     compute_dtype: str = "auto"
     gradient_checkpointing: bool = True
+    packing: bool = True
     device: str = "auto"
     cache_dir: Path = field(default_factory=_default_cache_dir)
 
@@ -174,7 +179,7 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(self.num_epochs > 0, "num_epochs", "must be > 0")
         _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
-        for name in ("use_rslora", "truncate", "gradient_checkpointing"):
+        for name in ("use_rslora", "truncate", "gradient_checkpointing", "packing"):
             _require(isinstance(getattr(self, name), bool), name, "must be true or false")
         _require(self.optim in OPTIMIZERS, "optim", f"must be one of {OPTIMIZERS}")
         _require(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {SCHEDULERS}")

@@ -270,3 +270,29 @@ def to_features(examples: Sequence[TokenizedExample]) -> list[dict[str, list[int
     ``transformers.DataCollatorForSeq2Seq`` (which right-pads labels with ``IGNORE_INDEX``)."""
     return [{"input_ids": list(e.input_ids), "attention_mask": [1] * len(e.input_ids), "labels": list(e.labels)}
             for e in examples]
+
+
+def make_collator(tokenizer, packing: bool, pad_to_multiple_of: int | None = None):
+    """The ``transformers`` data collator that turns ``to_features`` dicts into one micro-batch.
+
+    ``packing=False``: ``DataCollatorForSeq2Seq`` right-pads to the longest example (rounded up to
+    ``pad_to_multiple_of`` tokens when given, so that batch shapes repeat and a captured CUDA graph of the step can
+    replay, see ``trainer.step_graph``); returns ``input_ids``, ``attention_mask`` and ``labels`` (padding labelled
+    ``IGNORE_INDEX``), each int64 ``[batch, longest]``.
+
+    ``packing=True``: ``DataCollatorWithFlattening`` concatenates the examples into one row with no padding;
+    returns ``input_ids``, ``labels`` and ``position_ids``, each int64 ``[1, total tokens]``, and no
+    ``attention_mask``. Position ids restart at 0 with every example; the first label of every example is
+    ``IGNORE_INDEX``, so the causal-LM shift never predicts an example's first token from the previous example's
+    last one (in the padded batch that label is never predicted either). The model keeps attention inside each
+    example because transformers' mask builder (``masking_utils.find_packed_sequence_indices``) reads the example
+    boundaries from the position ids when no attention mask and no KV cache is given -- hence
+    ``prepare_for_qlora_training`` sets ``use_cache=False``. tests/trainer/test_packing.py checks both against the
+    padded batch (logits, loss, LoRA gradients) and that no token sees another example.
+    """
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt",
+                                  pad_to_multiple_of=pad_to_multiple_of)

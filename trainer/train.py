@@ -54,6 +54,9 @@ _RESUME_FIELDS = ("model", "r", "lora_alpha", "lora_dropout", "target_modules", 
                   "eval_fraction", "compute_dtype", "init_adapter")
 _CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_config.json")
 _RUN_MANIFEST = "run.json"
+#: Padded batches are rounded up to a multiple of this many tokens when steps replay from CUDA graphs, so that
+#: batch shapes repeat (a graph is captured per shape; ``trainer.step_graph.StepGraphs``).
+GRAPH_PAD_MULTIPLE = 64
 
 
 class TrainingDiverged(ServerError):
@@ -113,7 +116,8 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
     return count
 
 
-def prepare_for_qlora_training(model: torch.nn.Module, gradient_checkpointing: bool = True) -> torch.nn.Module:
+def prepare_for_qlora_training(model: torch.nn.Module, gradient_checkpointing: bool = True,
+                               preserve_rng_state: bool = True) -> torch.nn.Module:
     """Make a 4-bit base model trainable with LoRA *without* changing its numerics.
 
     Unlike ``peft.prepare_model_for_kbit_training`` this keeps every unquantized weight (embeddings, norms, the
@@ -123,7 +127,8 @@ def prepare_for_qlora_training(model: torch.nn.Module, gradient_checkpointing: b
 
     * freezes all base parameters;
     * turns on non-reentrant activation checkpointing of the decoder blocks (``use_reentrant=False``: needs no
-      input that requires grad, preserves RNG for dropout) and ``enable_input_require_grads`` for safety;
+      input that requires grad; ``preserve_rng_state`` replays dropout masks exactly in the recomputation — not
+      needed without dropout, and a CUDA graph cannot capture it) and ``enable_input_require_grads`` for safety;
     * sets ``use_cache=False`` (a KV cache is useless in training and conflicts with checkpointing);
     * disables bitsandbytes' CPU weight repacking (``disable_cpu_weight_repacking``).
 
@@ -133,7 +138,7 @@ def prepare_for_qlora_training(model: torch.nn.Module, gradient_checkpointing: b
     model.requires_grad_(False)
     disable_cpu_weight_repacking(model)
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
+        kwargs = {"use_reentrant": False, "preserve_rng_state": preserve_rng_state}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
@@ -336,11 +341,29 @@ def _make_trainer_class():
 
     class _QLoRATrainer(Trainer):
         """transformers' Trainer plus a per-micro-batch loss check (NaN/inf stops before the optimizer step) and
-        the ``evaluating`` phase around every evaluation."""
+        the ``evaluating`` phase around every evaluation, which batches with ``eval_collator`` (padded: the eval
+        loss and its progress count stay per example whatever the training collator)."""
 
-        def __init__(self, *args, monitor: _Monitor, **kwargs):
+        def __init__(self, *args, monitor: _Monitor, graphs=None, eval_collator=None, **kwargs):
             super().__init__(*args, **kwargs)
             self._monitor = monitor
+            self._graphs = graphs
+            self._eval_collator = eval_collator
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """The causal-LM loss without materialising the logits (``trainer.fast.chunked_causal_lm_loss``),
+            replayed from a CUDA graph where ``trainer.step_graph.StepGraphs`` allows; evaluation with outputs
+            keeps transformers' own."""
+            if return_outputs or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from trainer.fast import chunked_causal_lm_loss
+
+            loss = None
+            if self._graphs is not None and model.training:
+                loss = self._graphs.loss(inputs, num_items_in_batch)
+            if loss is None:
+                loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
+            return loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs.get("attention_mask")
@@ -355,7 +378,13 @@ def _make_trainer_class():
             monitor.eval_done = 0
             monitor.eval_total = len(self.eval_dataset) if self.eval_dataset is not None else 0
             monitor.set_phase("evaluating")
-            metrics = super().evaluate(*args, **kwargs)
+            train_collator = self.data_collator
+            if self._eval_collator is not None:
+                self.data_collator = self._eval_collator
+            try:
+                metrics = super().evaluate(*args, **kwargs)
+            finally:
+                self.data_collator = train_collator
             if monitor.training:
                 monitor.set_phase("training")
             return metrics
@@ -450,6 +479,7 @@ class TrainingSession:
         self.trainer = None
         self.model_name: str | None = None
         self.compute_dtype: str | None = None  # the resolved compute dtype and why, for the model card
+        self.levers: dict[str, object] = {}  # trainer.fast levers applied (for the log and tests)
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -499,7 +529,8 @@ class TrainingSession:
         else:
             base, _, info = load_base_model(self.config.model_config())
         self.compute_dtype = f"{info.compute_dtype} ({info.compute_dtype_reason})"
-        prepare_for_qlora_training(base, self.config.gradient_checkpointing)
+        prepare_for_qlora_training(base, self.config.gradient_checkpointing,
+                                   preserve_rng_state=self.config.lora_dropout > 0)
         # The base was loaded from a local path (for the embedded model, its converted copy in the cache); every
         # adapter we write -- checkpoints included, and PEFT's model card in them -- names the model the user asked
         # for instead (the hub id of the embedded model, or the user's own path / hub id).
@@ -525,10 +556,34 @@ class TrainingSession:
         # call per checkpoint, and a stall where the hub is slow or unreachable. The Trainer saves checkpoints
         # through this same method, so the instance gets the setting rather than each call site.
         model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+        from trainer import fast
+
+        self.levers = fast.apply_training_levers(model, torch.device(info.device))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("model %s on %s: %d trainable LoRA parameters; parameter dtypes %s", info.name, info.device,
-                 trainable, _dtype_report(model))
+        log.info("model %s on %s: %d trainable LoRA parameters; parameter dtypes %s; speed levers %s", info.name,
+                 info.device, trainable, _dtype_report(model), self.levers)
         return model
+
+    def _step_graphs(self, model):
+        """CUDA graphs of the training step (``trainer.step_graph.StepGraphs``) when they can be exact: on CUDA, and
+        without dropout in checkpointed blocks; None otherwise (said in the log)."""
+        from trainer.fast import chunked_causal_lm_loss, uses_rng
+        from trainer.step_graph import StepGraphs
+
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            return None
+        if self.config.packing:
+            log.info("CUDA graphs off for this run: packed batches change shape every step; set packing: false "
+                     "(batches are then padded to a multiple of %d tokens) and lora_dropout: 0 to replay steps "
+                     "from graphs", GRAPH_PAD_MULTIPLE)
+            return None
+        if self.config.gradient_checkpointing and uses_rng(model):
+            log.info("CUDA graphs off for this run: dropout (lora_dropout=%g) inside checkpointed blocks needs the "
+                     "RNG state, which a graph cannot capture; set lora_dropout: 0 or gradient_checkpointing: "
+                     "false to replay steps from graphs", self.config.lora_dropout)
+            return None
+        return StepGraphs(model, chunked_causal_lm_loss)
 
     def _training_args(self, n_eval: int):
         from transformers import TrainingArguments
@@ -595,7 +650,7 @@ class TrainingSession:
 
     def run(self) -> TrainResult:
         """Validate the data, load the model, train, evaluate and write the adapter. See ``train``."""
-        from transformers import DataCollatorForSeq2Seq, PrinterCallback
+        from transformers import PrinterCallback
 
         cfg = self.config
         t0 = time.monotonic()
@@ -630,15 +685,17 @@ class TrainingSession:
             log.info("optimizer %s: bitsandbytes pages optimizer state only on CUDA; on the CPU it keeps ordinary "
                      "(non-paged) %s state", cfg.optim, "8-bit" if cfg.optim.endswith("8bit") else "32-bit")
         trainer_cls = _make_trainer_class()
+        graphs = self._step_graphs(model)
         trainer = trainer_cls(
             model=model,
             args=args,
             train_dataset=data_mod.to_features(train_ex),
             eval_dataset=data_mod.to_features(eval_ex) if eval_ex else None,
-            data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=data_mod.IGNORE_INDEX,
-                                                 return_tensors="pt"),
+            data_collator=data_mod.make_collator(tok, cfg.packing, None if graphs is None else GRAPH_PAD_MULTIPLE),
             callbacks=[_make_callback(monitor)],
             monitor=monitor,
+            graphs=graphs,
+            eval_collator=data_mod.make_collator(tok, packing=False),
         )
         trainer.remove_callback(PrinterCallback)
         self.trainer = trainer

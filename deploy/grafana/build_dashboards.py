@@ -345,6 +345,11 @@ def training() -> dash_b.Dashboard:
                    [query(f"qlora_server_training_step{{{SEL}}}", "{{instance}}")]),
         timeseries("Throughput", "Training tokens per second of the running job.", "short",
                    [query(f"qlora_server_training_tokens_per_second{{{SEL}}}", "{{instance}}")]),
+        timeseries("Job memory", "The running job's memory budget, its estimated peak, and its current and peak "
+                   "use (worker RSS on a CPU, CUDA allocator bytes on a GPU).", "bytes",
+                   [query(f"max by (kind) (qlora_server_training_memory_bytes{{{SEL}}})", "{{kind}}")]),
+        timeseries("Job CPU threads", "CPU threads of the running job's worker (--training-threads).", "short",
+                   [query(f"max(qlora_server_training_threads{{{SEL}}})", "threads")]),
     ], ids)
     return d
 

@@ -84,6 +84,27 @@ def quantization_config(cfg: ModelConfig, compute_dtype: str):
     )
 
 
+def keep_plain_cpu_4bit_matmul(model: torch.nn.Module) -> int:
+    """Keep every ``bitsandbytes.nn.Linear4bit`` on the plain dequantize-then-matmul path on the CPU; returns the
+    number of layers set.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight the first time it runs in eval mode without grad
+    and from then on uses a fused kernel that casts the activations *and the quantization scales (absmax)* to
+    bfloat16 whatever the compute dtype. Served logits then differ from the trainer's (which cannot use that
+    kernel: it has no autograd formula) by about 3-5 % of the largest logit on the tiny test model, ten bf16 steps,
+    in float32 as in bfloat16 compute; with the plain path they agree to float32 rounding
+    (tests/trainer/test_serve_parity.py). GPUs never take the fused path; on a CPU this gives up its speed.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def load_base_model(cfg: ModelConfig):
     """Load the tokenizer and the NF4 base model, in eval mode with gradients off, in the compute dtype that
     ``server.model.dtype.resolve_compute_dtype`` picks for ``cfg.compute_dtype`` on this device (the server and the
@@ -119,6 +140,7 @@ def load_base_model(cfg: ModelConfig):
                                  field="model") from exc
     model.eval()
     model.requires_grad_(False)
+    keep_plain_cpu_4bit_matmul(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -32,7 +32,7 @@ _SCALAR_CONFIG_FIELDS = {"r": False, "lora_alpha": True, "lora_dropout": True, "
                          "max_grad_norm": False, "weight_decay": False, "truncate": False, "eval_steps": False,
                          "save_steps": False, "save_total_limit": False, "logging_steps": False,
                          "zero_loss_patience": False, "gradient_checkpointing": False,
-                         "eval_max_examples": False}
+                         "eval_max_examples": False, "packing": False}
 #: State name of ``JOB_STATE_UNSPECIFIED`` (or an unknown value) read from the wire.
 UNSPECIFIED_STATE = "unspecified"
 
@@ -119,7 +119,8 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
     """:class:`Job` → ``TrainingJob`` (server-only fields — dataset, config, pid, replace — are not sent)."""
     msg = pb.TrainingJob(job_id=job.job_id, state=job_state_to_proto(job.state), adapter_id=job.adapter_id,
                          step=job.step, total_steps=job.total_steps, error=job.error, created_at=job.created_at,
-                         output_dir=job.output_dir, phase=job_phase_to_proto(job.phase))
+                         output_dir=job.output_dir, phase=job_phase_to_proto(job.phase),
+                         resumed_from_step=job.resumed_from_step, restarts=job.restarts)
     for name in ("loss", "eval_loss", "started_at", "finished_at"):
         value = getattr(job, name)
         if value is not None:
@@ -135,7 +136,8 @@ def job_from_proto(msg: pb.TrainingJob) -> Job:
     return Job(job_id=msg.job_id, state=job_state_from_proto(msg.state), adapter_id=msg.adapter_id, step=msg.step,
                total_steps=msg.total_steps, loss=opt("loss"), eval_loss=opt("eval_loss"), error=msg.error,
                phase=job_phase_from_proto(msg.phase), created_at=msg.created_at, started_at=opt("started_at"),
-               finished_at=opt("finished_at"), output_dir=msg.output_dir)
+               finished_at=opt("finished_at"), output_dir=msg.output_dir,
+               resumed_from_step=msg.resumed_from_step, restarts=msg.restarts)
 
 
 def job_event_to_proto(event: JobEvent) -> pb.TrainingJobEvent:

@@ -60,6 +60,7 @@ CONFIG_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("logging_steps", _INT32, "record the training loss every N steps"),
     ("zero_loss_patience", _INT32, "fail after this many consecutive steps of exactly 0 loss"),
     ("gradient_checkpointing", bool, "recompute activations in the backward pass (default on)"),
+    ("packing", bool, "concatenate each micro-batch's examples into one unpadded row (default on)"),
 )
 
 
@@ -260,7 +261,7 @@ def job_json(job) -> dict:
     """A JSON-ready dict of a job as the API describes it (times also as ISO 8601 UTC)."""
     return {"job_id": job.job_id, "state": job.state, "adapter_id": job.adapter_id, "step": job.step,
             "total_steps": job.total_steps, "loss": job.loss, "eval_loss": job.eval_loss, "error": job.error,
-            "phase": job.phase,
+            "phase": job.phase, "resumed_from_step": job.resumed_from_step, "restarts": job.restarts,
             "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
             "created_at_iso": _iso(job.created_at), "started_at_iso": _iso(job.started_at),
             "finished_at_iso": _iso(job.finished_at), "output_dir": job.output_dir}
@@ -325,23 +326,33 @@ def _jobs_list(client, args: argparse.Namespace) -> None:
     if args.json:
         _print_json([job_json(j) for j in jobs])
         return
-    rows = [("ID", "STATE", "ADAPTER", "STEP", "LOSS", "CREATED", "ERROR")]
+    rows = [("ID", "STATE", "ADAPTER", "STEP", "LOSS", "RESTARTS", "CREATED", "ERROR")]
     rows += [(j.job_id, j.state, j.adapter_id, f"{j.step}/{j.total_steps}",
-              "" if j.loss is None else f"{j.loss:.4f}", _iso(j.created_at) or "", j.error[:60]) for j in jobs]
+              "" if j.loss is None else f"{j.loss:.4f}", _restarts(j), _iso(j.created_at) or "", j.error[:60])
+             for j in jobs]
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     sys.stdout.flush()
 
 
+def _restarts(job) -> str:
+    """``jobs list``'s RESTARTS cell: ``N (from step S)`` for a resumed job, ``""`` for one never interrupted."""
+    if not job.restarts:
+        return ""
+    return f"{job.restarts} (from step {job.resumed_from_step})"
+
+
 def _watch(client, job_id: str) -> int:
-    """Print one line per event (``JOB_ID STATE[/PHASE] STEP/TOTAL MESSAGE``, e.g. ``job-… running/evaluating 10/50
-    evaluating 32/64 examples``); 0 when the job ends succeeded, 1 when it ends otherwise."""
+    """Print one line per event (``JOB_ID STATE[/PHASE] STEP/TOTAL [restart N from step S] MESSAGE``, e.g.
+    ``job-… running/evaluating 10/50 evaluating 32/64 examples``; the restart part only for a job that was
+    interrupted and resumed); 0 when the job ends succeeded, 1 when it ends otherwise."""
     last = None
     for event in client.watch_training_job(job_id):
         last = event.job
         state = f"{last.state}/{last.phase}" if last.phase and not last.terminal else last.state
-        print(f"{last.job_id} {state} {last.step}/{last.total_steps} {event.message}".rstrip(), flush=True)
+        resumed = f" [restart {last.restarts} from step {last.resumed_from_step}]" if last.restarts else ""
+        print(f"{last.job_id} {state} {last.step}/{last.total_steps}{resumed} {event.message}".rstrip(), flush=True)
     if last is not None and last.state == "failed":
         _error(last.error)
     return 0 if last is not None and last.state == "succeeded" else 1

@@ -21,15 +21,19 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 #: States a job never leaves.
 TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 #: The state machine: the states each non-terminal state may move to. queued → running | cancelled | failed;
-#: running → succeeded | failed | cancelled. Terminal states have no successor.
+#: running → succeeded | failed | cancelled | queued. running → queued is an interruption (the server shut down,
+#: crashed or was killed while the job ran, see :meth:`JobStore.requeue_interrupted`): the job waits to resume
+#: from its last checkpoint, keeping its place (queues are FIFO by ``created_at``). Terminal states have no
+#: successor.
 TRANSITIONS: Mapping[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING, CANCELLED, FAILED}),
-    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED}),
+    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED, QUEUED}),
 }
-#: ``error`` of a job found 'running' when a new store recovers (its server died mid-run).
-RESTART_ERROR = "server restarted during training"
-#: ``error`` of a job that was running when its server shut down (SIGTERM, Ctrl-C): cancelled, not failed.
-SHUTDOWN_ERROR = "cancelled: the server shut down while the job was running; start it again"
+#: How many times a job may be interrupted and resumed; the next interruption fails it (``INTERRUPTED_ERROR``),
+#: so a job that brings its server down (or is caught in a crash loop) does not run forever.
+MAX_RESTARTS = 3
+#: Start of the ``error`` of a job failed for being interrupted more than ``MAX_RESTARTS`` times.
+INTERRUPTED_ERROR = "interrupted too often"
 #: Phases of a running job, in order (``phase``): the worker loads the tokenizer, data and base model, trains
 #: (with checkpoint saves), evaluates on the held-out split (also between steps when ``eval_steps`` is set),
 #: saves the adapter; then the server registers it.
@@ -39,8 +43,12 @@ TRAINER_PHASES = PHASES[:-1]
 #: File name of the jobs database inside the state directory.
 DB_FILE = "jobs.sqlite3"
 
-#: Version 2 added the ``phase`` column (a version-1 database is upgraded in place when opened).
-_SCHEMA_VERSION = 2
+#: Version 2 added the ``phase`` column, version 3 ``resumed_from_step`` and ``restarts`` (an older database is
+#: upgraded in place when opened).
+_SCHEMA_VERSION = 3
+#: Columns added after version 1, with their definitions (``ALTER TABLE ... ADD COLUMN`` when missing).
+_ADDED_COLUMNS = (("phase", "TEXT NOT NULL DEFAULT ''"), ("resumed_from_step", "INTEGER NOT NULL DEFAULT 0"),
+                  ("restarts", "INTEGER NOT NULL DEFAULT 0"))
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id           TEXT PRIMARY KEY,
@@ -55,6 +63,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     eval_loss    REAL,
     error        TEXT NOT NULL DEFAULT '',
     phase        TEXT NOT NULL DEFAULT '',
+    resumed_from_step INTEGER NOT NULL DEFAULT 0,
+    restarts     INTEGER NOT NULL DEFAULT 0,
     created_at   REAL NOT NULL,
     started_at   REAL,
     finished_at  REAL,
@@ -64,10 +74,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 """
 _COLUMNS = ("id", "state", "adapter_id", "replace", "dataset_path", "config", "step", "total_steps", "loss",
-            "eval_loss", "error", "phase", "created_at", "started_at", "finished_at", "output_dir", "pid")
+            "eval_loss", "error", "phase", "resumed_from_step", "restarts", "created_at", "started_at", "finished_at",
+            "output_dir", "pid")
 # Columns update() / transition() may set (the rest are fixed at creation).
-_MUTABLE = frozenset({"step", "total_steps", "loss", "eval_loss", "error", "phase", "started_at", "finished_at",
-                      "pid"})
+_MUTABLE = frozenset({"step", "total_steps", "loss", "eval_loss", "error", "phase", "resumed_from_step",
+                      "started_at", "finished_at", "pid"})
 
 
 @dataclass(frozen=True)
@@ -102,10 +113,13 @@ class Job:
         total_steps: optimizer steps planned; 0 until the trainer knows.
         loss: latest training loss; None before the first step.
         eval_loss: latest evaluation loss; None without an eval split or before the first evaluation.
-        error: why the job failed, or why the server cancelled it (``SHUTDOWN_ERROR``); empty after success and
-            after a client's cancel.
+        error: why the job failed; empty otherwise.
         phase: what a running job is doing, one of ``PHASES``; after it ends, the last phase it reached ("" if it
-            never ran).
+            never ran, and while an interrupted job waits to resume).
+        resumed_from_step: the checkpoint step (optimizer steps) the job's latest run started from; 0 for a run
+            from scratch (a first run, or a resume that found no complete checkpoint).
+        restarts: how many times the job was interrupted while running (server shutdown, crash, kill) and put
+            back in the queue to resume; at most ``MAX_RESTARTS``.
         created_at / started_at / finished_at: lifecycle instants; the last two None until reached.
         output_dir: the job's directory on the server (worker log, progress, checkpoints, adapter).
         replace: replace an existing adapter on success.
@@ -123,6 +137,8 @@ class Job:
     eval_loss: float | None = None
     error: str = ""
     phase: str = ""
+    resumed_from_step: int = 0
+    restarts: int = 0
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
@@ -149,7 +165,7 @@ class JobEvent:
 def _row_to_job(row: sqlite3.Row) -> Job:
     return Job(job_id=row["id"], state=row["state"], adapter_id=row["adapter_id"], step=row["step"],
                total_steps=row["total_steps"], loss=row["loss"], eval_loss=row["eval_loss"], error=row["error"],
-               phase=row["phase"],
+               phase=row["phase"], resumed_from_step=row["resumed_from_step"], restarts=row["restarts"],
                created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
                output_dir=row["output_dir"], replace=bool(row["replace"]), dataset_path=row["dataset_path"],
                config=json.loads(row["config"]), pid=row["pid"])
@@ -193,8 +209,9 @@ class JobStore:
         with db:
             db.executescript(_SCHEMA)
             columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
-            if "phase" not in columns:  # a version-1 database
-                db.execute("ALTER TABLE jobs ADD COLUMN phase TEXT NOT NULL DEFAULT ''")
+            for name, definition in _ADDED_COLUMNS:  # a database of an older version
+                if name not in columns:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
             db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         self._db = db
         return db
@@ -276,7 +293,8 @@ class JobStore:
             raise InvalidArgument(f"must be one of {STATES}, got {job.state!r}", field="state")
         values = (job.job_id, job.state, job.adapter_id, int(job.replace), job.dataset_path,
                   json.dumps(dict(job.config), sort_keys=True), job.step, job.total_steps, job.loss, job.eval_loss,
-                  job.error, job.phase, job.created_at, job.started_at, job.finished_at, job.output_dir, job.pid)
+                  job.error, job.phase, job.resumed_from_step, job.restarts, job.created_at, job.started_at,
+                  job.finished_at, job.output_dir, job.pid)
         with self._lock:
             db = self._conn(create=True)
             try:
@@ -289,7 +307,7 @@ class JobStore:
 
     def update(self, job_id: str, **fields: Any) -> Job:
         """Set progress fields (``step``, ``total_steps``, ``loss``, ``eval_loss``, ``error``, ``phase``,
-        ``started_at``, ``finished_at``, ``pid``) without changing the state; returns the job.
+        ``resumed_from_step``, ``started_at``, ``finished_at``, ``pid``) without changing the state; returns the job.
 
         Raises:
             InvalidArgument: a field that cannot be updated (``field`` = its name), or a ``phase`` not in ``PHASES``.
@@ -347,16 +365,53 @@ class JobStore:
             return False
         return True
 
-    def recover_interrupted(self, now: float, error: str = RESTART_ERROR) -> list[Job]:
-        """Mark every job left ``running`` (its server died: the worker watches its parent and exits with it) as
-        ``failed`` with ``error`` and ``finished_at = now`` (UNIX seconds). Queued jobs stay queued and run again.
-        Returns the jobs changed."""
+    def requeue_interrupted(self, job_id: str, now: float) -> Job:
+        """A running job was interrupted (its server shuts down, or died): put it back in the queue to resume
+        from its last checkpoint (``queued``, ``restarts`` + 1, ``phase`` and ``error`` cleared; its place in the
+        FIFO queue is its ``created_at``), or, when it was already resumed ``MAX_RESTARTS`` times, fail it with an
+        ``INTERRUPTED_ERROR`` message and ``finished_at = now`` (UNIX seconds). Atomic. Returns the job.
+
+        Raises:
+            NotFound: no such job.
+            FailedPrecondition: the job is not running (``field="job_id"``).
+        """
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                raise NotFound(f"no training job {job_id!r}", field="job_id")
+            with db:
+                self._requeue(db, job_id, now)
+            return self._get(job_id)
+
+    def _requeue(self, db: sqlite3.Connection, job_id: str, now: float) -> None:
+        """The update of :meth:`requeue_interrupted`, inside the caller's transaction; caller holds the lock."""
+        row = db.execute("SELECT state, restarts, output_dir FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no training job {job_id!r}", field="job_id")
+        if row["state"] != RUNNING:
+            raise FailedPrecondition(f"job {job_id} is {row['state']}; only a running job can be interrupted",
+                                     field="job_id")
+        if row["restarts"] >= MAX_RESTARTS:
+            error = (f"{INTERRUPTED_ERROR}: interrupted {row['restarts'] + 1} times while running (server "
+                     f"shutdown, crash or kill); not resumed again after {MAX_RESTARTS} resumes; its checkpoints "
+                     f"stay in {row['output_dir']}")
+            db.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state = ?",
+                       (FAILED, error, now, job_id, RUNNING))
+        else:
+            db.execute("UPDATE jobs SET state = ?, restarts = restarts + 1, phase = '', error = '', "
+                       "finished_at = NULL WHERE id = ? AND state = ?", (QUEUED, job_id, RUNNING))
+
+    def recover_interrupted(self, now: float) -> list[Job]:
+        """Apply :meth:`requeue_interrupted` to every job left ``running`` (its server died: the worker watches
+        its parent and exits with it), in one transaction: each goes back to the queue to resume, or fails when
+        interrupted too often. Queued jobs stay queued. Returns the jobs changed, oldest first."""
         with self._lock:
             db = self._conn()
             if db is None:
                 return []
             with db:
-                ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ?", (RUNNING,))]
-                db.executemany("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state = ?",
-                               [(FAILED, error, now, i, RUNNING) for i in ids])
+                ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY created_at, rowid",
+                                                (RUNNING,))]
+                for i in ids:
+                    self._requeue(db, i, now)
             return [self._get(i) for i in ids]

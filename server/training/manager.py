@@ -27,7 +27,6 @@ from server.training.jobs import (
     PHASES,
     QUEUED,
     RUNNING,
-    SHUTDOWN_ERROR,
     SUCCEEDED,
     Job,
     JobEvent,
@@ -43,7 +42,7 @@ TRAINING_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "
                           "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length",
                           "optim", "seed", "eval_fraction", "warmup_ratio", "lr_scheduler", "max_grad_norm",
                           "weight_decay", "truncate", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
-                          "zero_loss_patience", "gradient_checkpointing", "eval_max_examples")
+                          "zero_loss_patience", "gradient_checkpointing", "eval_max_examples", "packing")
 #: ``TrainConfig`` fields a job cannot set: the server fills them (its base model, dtype, device, cache; the job's
 #: dataset, directory and adapter id) or, being paths to other server-side inputs, they are not offered to jobs.
 #: Every other ``TrainConfig`` field is in ``TRAINING_CONFIG_FIELDS`` (tests/rpc/test_cli_jobs_create.py checks).
@@ -142,9 +141,9 @@ def describe_exit(returncode: int, job_dir: Path) -> str:
 class _ProgressTail:
     """Reads the complete JSON lines appended to a worker's progress file since the last call."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, offset: int = 0) -> None:
         self._path = path
-        self._offset = 0
+        self._offset = offset  # bytes already read (a resumed job's file holds its earlier runs' lines)
         self._partial = b""
 
     def read(self) -> list[dict]:
@@ -177,7 +176,7 @@ class _Active:
         self.job_id = job_id
         self.cancel = threading.Event()
         self.cancel_reason = ""  # the message of the final event
-        self.cancel_error = ""  # the job's error: empty for a client's cancel, SHUTDOWN_ERROR at shutdown
+        self.suspend = False  # set with ``cancel`` at shutdown: stop the worker and keep the job resumable
         self.registering = False
         self.finalized = threading.Event()
 
@@ -225,8 +224,10 @@ class TrainingManager:
     State machine (persisted in ``job_store``; see ``server.training.jobs.TRANSITIONS``)::
 
         queued ──▶ running ──▶ succeeded      (adapter registered)
-          │           ├──────▶ failed         (trainer error, worker crash/kill, registration refused)
-          └───────────┴──────▶ cancelled      (client cancel, or server shutdown while running)
+          ▲ │           ├──────▶ failed         (trainer error, worker crash/kill, registration refused,
+          │ │           │                        interrupted more than jobs.MAX_RESTARTS times)
+          │ └───────────┼──────▶ cancelled      (client cancel)
+          └─────────────┘                       (interrupted: server shutdown, crash or kill; resumes)
 
     * The worker appends progress to ``<job dir>/progress.jsonl``; the scheduler thread tails it, stores step,
       total_steps, loss, eval_loss and the phase (``loading`` from the start, then ``training``, ``evaluating``,
@@ -238,13 +239,19 @@ class TrainingManager:
       logs stay). A registration error fails the job with that error.
     * Worker failure: ``failed`` with the worker's error and the exit code (``"... (worker exited with code 1)"``)
       or signal (``"worker killed by signal 9 (SIGKILL)"``); the job directory stays for inspection.
-    * Cancel: a queued job is cancelled at once; a running worker gets SIGTERM, then SIGKILL after
-      ``terminate_grace_s`` (to its whole process group); nothing is registered and the job directory is removed.
-    * :meth:`close` (server shutdown) cancels the running job the same way, with ``error`` set to
-      ``jobs.SHUTDOWN_ERROR`` (a client's cancel leaves ``error`` empty); queued jobs stay queued and run when a
-      manager starts again on the same state directory. A job found ``running`` at :meth:`start` (its server
-      died; its worker exits on its own when the parent dies) becomes ``failed`` with
-      ``"server restarted during training"`` — it is not re-queued, as its partial output cannot be trusted.
+    * Cancel: a queued job is cancelled at once; a running worker gets SIGTERM (it stops at the end of its
+      current step), then SIGKILL after ``terminate_grace_s`` (to its whole process group); nothing is registered
+      and the job directory is removed.
+    * Interruption and resume: :meth:`close` (server shutdown) stops the running worker the same way (SIGTERM:
+      the trainer saves a complete checkpoint at the end of the step; SIGKILL after the grace period) but keeps
+      the job directory and puts the job back in the queue (``JobStore.requeue_interrupted``: ``restarts`` + 1).
+      A job found ``running`` at :meth:`start` (its server crashed or was killed; its worker exits on its own
+      within ``worker.PARENT_POLL_S`` of the parent's death) is put back the same way. Queued jobs keep their
+      FIFO place by creation time, so an interrupted job runs before jobs created after it. A resumed job's
+      worker continues from the last complete checkpoint in ``<job dir>/output/checkpoints`` (from step 0
+      without one; ``resumed_from_step`` says which) and waits for the previous worker's ``worker.lock``. A job
+      interrupted more than ``jobs.MAX_RESTARTS`` times fails (``jobs.INTERRUPTED_ERROR``). A job whose worker
+      had already written its result when it was interrupted is registered without training again.
 
     Gauges: ``training_jobs{state}`` counts jobs per state; ``training_step{job_id}``, ``training_loss{job_id}``
     and ``training_tokens_per_second{job_id}`` follow the running job: loss and throughput have no sample before
@@ -262,11 +269,17 @@ class TrainingManager:
         poll_interval_s: how often the scheduler reads progress and checks the worker (seconds).
         shared_base: the server's base as a ``server.training.shared_base.SharedBase``: each worker trains on it
             (read-only) instead of loading its own copy; None = workers load the base.
+        budget: the jobs' memory / thread / priority budgets (``server.training.budget.JobBudget``), or None for
+            none. With one, :meth:`create` refuses a job whose estimated peak memory exceeds the budget
+            (FAILED_PRECONDITION naming ``config.batch_size`` or ``config.max_seq_length``), the check runs again
+            when the job starts (failing it), the worker runs with the budget's threads and niceness, and on the
+            CPU a worker whose resident memory exceeds the budget is stopped and its job failed
+            (``RESOURCE_EXHAUSTED: ...``).
     """
 
     def __init__(self, adapter_store, job_store: JobStore, state_dir: Path, metrics=None, *,
                  model_config: ModelConfig, python: str = sys.executable, terminate_grace_s: float = 10.0,
-                 poll_interval_s: float = 0.2, shared_base=None) -> None:
+                 poll_interval_s: float = 0.2, budget=None, shared_base=None) -> None:
         self._store = adapter_store
         self._jobs = job_store
         self.state_dir = Path(state_dir).absolute()
@@ -277,6 +290,7 @@ class TrainingManager:
         self._grace = terminate_grace_s
         self._poll = poll_interval_s
         self._shared_base = shared_base
+        self._budget = budget
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._watchers: dict[str, set[JobWatch]] = {}
@@ -288,8 +302,8 @@ class TrainingManager:
     # ------------------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> "TrainingManager":
-        """Recover the job store (running → failed, see the class docstring), publish the job counts and start
-        the scheduler thread (queued jobs left by an earlier server run first). Returns self.
+        """Recover the job store (running → queued to resume, or failed after too many interruptions; see the
+        class docstring), publish the job counts and start the scheduler thread. Returns self.
 
         Raises:
             FailedPrecondition: another live manager holds the state directory (``field="state_dir"``).
@@ -297,23 +311,27 @@ class TrainingManager:
         if self.state_dir.exists():
             self._acquire_state_lock()
         for job in self._jobs.recover_interrupted(time.time()):
-            log.warning("training job %s was running when the server stopped; marked failed", job.job_id)
+            if job.state == QUEUED:
+                log.warning("training job %s was running when the server stopped; queued to resume from its last "
+                            "checkpoint (restart %d)", job.job_id, job.restarts)
+            else:
+                log.warning("training job %s was running when the server stopped: %s", job.job_id, job.error)
         self._refresh_counts()
         self._thread = threading.Thread(target=self._loop, name="training-scheduler", daemon=True)
         self._thread.start()
         return self
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Stop: cancel the running job (its worker is terminated, state ``cancelled``), end every watch with
-        Cancelled, stop the scheduler, release the state directory and close the job store. Queued jobs stay
-        queued. Waits at most ``timeout_s`` seconds for the scheduler (default: the termination grace + 30)."""
+        """Stop: interrupt the running job (its worker stops at the end of its step with a checkpoint, or is
+        killed after the grace period; the job goes back to the queue to resume), end every watch with Cancelled,
+        stop the scheduler, release the state directory and close the job store. Queued jobs stay queued. Waits
+        at most ``timeout_s`` seconds for the scheduler (default: the termination grace + 30)."""
         with self._wake:
             if self._closing:
                 return
             self._closing = True
             if self._active is not None:
-                self._active.cancel_reason = "cancelled: the server is shutting down"
-                self._active.cancel_error = SHUTDOWN_ERROR
+                self._active.suspend = True
                 self._active.cancel.set()
             self._wake.notify_all()
         if self._thread is not None:
@@ -353,7 +371,9 @@ class TrainingManager:
             AlreadyExists: ``adapter_id`` is registered, or a queued/running job will register it, and
                 ``replace`` is false (``field="adapter_id"``).
             Cancelled: the server is shutting down.
-            FailedPrecondition: another server holds the state directory.
+            FailedPrecondition: another server holds the state directory; or the job's estimated peak memory
+                exceeds the training memory budget (``field`` ``config.batch_size`` or ``config.max_seq_length``,
+                see ``JobBudget.check``).
         """
         from trainer.data import read_jsonl
 
@@ -373,6 +393,8 @@ class TrainingManager:
                                     self._model_config, job_dir / worker_files.OUTPUT_SUBDIR)
         read_jsonl(dataset, field="dataset_path")  # every record well formed (tokenization happens in the worker)
         check_servable(config, self._store.base)  # never train what registration would refuse
+        if self._budget is not None:
+            self._budget.check(config)  # the estimated peak memory fits the budget (checked again at start)
         with self._wake:  # the checks and the insert are atomic with respect to other creates
             if self._closing:
                 raise Cancelled("the server is shutting down")
@@ -491,8 +513,9 @@ class TrainingManager:
                     try:
                         job = self._jobs.next_queued()
                         if job is not None:
-                            job = self._jobs.transition(job.job_id, RUNNING, started_at=time.time(), step=0,
-                                                        phase="loading")
+                            fields = {"step": 0, "resumed_from_step": 0} if job.restarts == 0 else {}
+                            job = self._jobs.transition(job.job_id, RUNNING, phase="loading",
+                                                        started_at=job.started_at or time.time(), **fields)
                             break
                     except (ServerError, sqlite3.Error):  # keep scheduling; retry after the wait
                         log.exception("cannot read or update the training job store")
@@ -503,7 +526,7 @@ class TrainingManager:
                 self._active = active
                 if self._metrics is not None:
                     self._metrics.training_job_started(job.job_id)
-                self._publish(job, "started")
+                self._publish(job, "started" if job.restarts == 0 else f"resuming (restart {job.restarts})")
                 self._refresh_counts()
             try:
                 self._execute(job, active)
@@ -525,50 +548,15 @@ class TrainingManager:
 
     def _execute(self, job: Job, active: _Active) -> None:
         job_dir = Path(job.output_dir)
-        if job_dir.exists():
-            shutil.rmtree(job_dir)
-        job_dir.mkdir(parents=True)
-        worker_files.write_json_atomically(job_dir / worker_files.JOB_FILE, {"config": dict(job.config)})
-        fds = self._shared_base.handoff(job_dir) if self._shared_base is not None else ()
-        with open(job_dir / worker_files.LOG_FILE, "ab") as log_file:
-            proc = subprocess.Popen([self._python, "-m", WORKER_MODULE, str(job_dir)], stdin=subprocess.DEVNULL,
-                                    stdout=log_file, stderr=subprocess.STDOUT, env=self._worker_env(),
-                                    start_new_session=True, pass_fds=fds)
-        try:
-            with self._lock:
-                self._publish(self._jobs.update(job.job_id, pid=proc.pid), f"worker started (pid {proc.pid})")
-            tail = _ProgressTail(job_dir / worker_files.PROGRESS_FILE)
-            while True:
-                for record in tail.read():
-                    self._on_progress(job.job_id, record)
-                if active.cancel.wait(self._poll):
-                    self._terminate(proc)
-                if proc.poll() is not None:
-                    break
-            for record in tail.read():
-                self._on_progress(job.job_id, record)
-        except BaseException:
-            self._terminate(proc)
-            raise
-        with self._lock:
-            cancelled = active.cancel.is_set()
-            active.registering = not cancelled
-        if cancelled:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            self._finish(active, CANCELLED, error=active.cancel_error,
-                         message=active.cancel_reason or "cancelled")
-            return
-        rc = proc.returncode
+        resume = job.restarts > 0 and job_dir.is_dir()
         result_path = job_dir / worker_files.RESULT_FILE
-        if rc != 0 or not result_path.is_file():
-            error = describe_exit(rc, job_dir) if rc != 0 else "worker exited with code 0 but wrote no result"
-            log.warning("training job %s failed: %s", job.job_id, error)
-            self._finish(active, FAILED, error=error)
-            return
-        result = json.loads(result_path.read_text(encoding="utf-8"))
+        if not (resume and result_path.is_file()):  # else: trained before the interruption, not yet registered
+            if not self._run_worker(job, job_dir, active, resume):
+                return
         with self._lock:
             self._publish(self._jobs.update(job.job_id, phase="registering"),
                           f"registering adapter {job.adapter_id}")
+        result = json.loads(result_path.read_text(encoding="utf-8"))
         try:
             self._store.register(job.adapter_id, Path(result["adapter_dir"]), job.replace)
         except (ServerError, OSError) as exc:
@@ -577,6 +565,114 @@ class TrainingManager:
             return
         shutil.rmtree(job_dir / worker_files.OUTPUT_SUBDIR / "checkpoints", ignore_errors=True)
         self._finish(active, SUCCEEDED, message=f"adapter {job.adapter_id} registered")
+
+    def _run_worker(self, job: Job, job_dir: Path, active: _Active, resume: bool) -> bool:
+        """Run the job's worker to its end; True when it wrote its result (the caller registers the adapter).
+        Otherwise the job is finished here (failed or cancelled) or put back in the queue (interrupted by
+        :meth:`close`), and False is returned."""
+        if resume:  # keep checkpoints and logs; drop what the interrupted run's end would have said
+            for name in (worker_files.ERROR_FILE, worker_files.RESULT_FILE):
+                (job_dir / name).unlink(missing_ok=True)
+        else:
+            if job_dir.exists():
+                shutil.rmtree(job_dir)
+            job_dir.mkdir(parents=True)
+        spec: dict[str, Any] = {"config": dict(job.config), "resume": resume}
+        if self._budget is not None:
+            limits = self._start_budget(job)
+            if isinstance(limits, str):
+                self._finish(active, FAILED, error=limits)
+                return False
+            spec["budget"] = limits
+        memory_budget = spec.get("budget", {}).get("memory_bytes", 0)
+        over_budget = ""
+        worker_files.write_json_atomically(job_dir / worker_files.JOB_FILE, spec)
+        progress_path = job_dir / worker_files.PROGRESS_FILE
+        tail = _ProgressTail(progress_path, progress_path.stat().st_size if progress_path.exists() else 0)
+        fds = self._shared_base.handoff(job_dir) if self._shared_base is not None else ()
+        with open(job_dir / worker_files.LOG_FILE, "ab") as log_file:
+            proc = subprocess.Popen([self._python, "-m", WORKER_MODULE, str(job_dir)], stdin=subprocess.DEVNULL,
+                                    stdout=log_file, stderr=subprocess.STDOUT, env=self._worker_env(),
+                                    start_new_session=True, pass_fds=fds)
+        try:
+            with self._lock:
+                self._publish(self._jobs.update(job.job_id, pid=proc.pid), f"worker started (pid {proc.pid})")
+            while True:
+                for record in tail.read():
+                    self._on_progress(job.job_id, record)
+                if active.cancel.wait(self._poll):
+                    self._terminate(proc)
+                over_budget = over_budget or self._check_memory(job.job_id, proc, memory_budget)
+                if over_budget:
+                    self._terminate(proc)
+                if proc.poll() is not None:
+                    break
+            for record in tail.read():
+                self._on_progress(job.job_id, record)
+        except BaseException:
+            self._terminate(proc)
+            raise
+        rc = proc.returncode
+        done = rc == 0 and (job_dir / worker_files.RESULT_FILE).is_file()
+        with self._lock:
+            stopped = active.cancel.is_set()
+            suspended = stopped and active.suspend and not done  # a run that finished anyway is registered
+            cancelled = stopped and not active.suspend
+            active.registering = not (cancelled or suspended)
+            if suspended:
+                job = self._jobs.requeue_interrupted(job.job_id, time.time())
+                self._publish(job, "interrupted: the server is shutting down; the job resumes from its last "
+                              "checkpoint when the server starts again" if job.state == QUEUED
+                              else f"failed: {job.error}")
+                self._refresh_counts()
+        if suspended:
+            log.info("training job %s interrupted by shutdown (worker exit %s): %s", job.job_id, rc, job.state)
+            return False
+        if over_budget and not cancelled:
+            log.warning("training job %s failed: %s", job.job_id, over_budget)
+            self._finish(active, FAILED, error=over_budget)
+            return False
+        if cancelled:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self._finish(active, CANCELLED, message=active.cancel_reason or "cancelled")
+            return False
+        if not done:
+            error = describe_exit(rc, job_dir) if rc != 0 else "worker exited with code 0 but wrote no result"
+            log.warning("training job %s failed: %s", job.job_id, error)
+            self._finish(active, FAILED, error=error)
+            return False
+        return True
+
+    def _start_budget(self, job: Job) -> dict | str:
+        """Check the job's memory again as it starts (free memory may have changed since create) and publish its
+        budget and estimate; returns the worker's budget settings, or the job's error when it no longer fits."""
+        from trainer.config import TrainConfig
+
+        try:
+            budget, estimate = self._budget.check(TrainConfig.from_dict(job.config))
+        except ServerError as exc:
+            return f"{exc.code}: {exc} (checked when the job started)"
+        if self._metrics is not None:
+            self._metrics.training_job_memory(job.job_id, budget=budget, estimate=estimate)
+        return self._budget.worker_settings(budget)
+
+    def _check_memory(self, job_id: str, proc: subprocess.Popen, budget: int) -> str:
+        """On a CPU server: publish the worker's current and peak RSS and return the job's error when the RSS
+        exceeds ``budget`` (bytes; 0 = no check), else ``""``. On CUDA the worker reports its own memory."""
+        if self._budget is None or not self._budget.on_cpu:
+            return ""
+        from server.training.budget import read_rss
+
+        rss = read_rss(proc.pid)
+        if rss is None:
+            return ""
+        if self._metrics is not None:
+            self._metrics.training_job_memory(job_id, current=rss[0], peak=rss[1])
+        if budget and rss[0] > budget:
+            return (f"RESOURCE_EXHAUSTED: the worker's resident memory ({rss[0]} bytes) exceeded the job's memory "
+                    f"budget ({budget} bytes); lower config.batch_size or config.max_seq_length, or raise "
+                    f"--training-memory-bytes (worker stopped)")
+        return ""
 
     def _terminate(self, proc: subprocess.Popen) -> None:
         """SIGTERM the worker's process group, SIGKILL it after the grace period; returns once the worker is
@@ -603,10 +699,16 @@ class TrainingManager:
             with self._lock:
                 self._publish(self._jobs.get(job_id), record["message"])
             return
-        if event not in ("phase", "step", "eval_progress", "eval", "done"):
+        if self._metrics is not None:
+            if event == "started" and isinstance(record.get("threads"), int):
+                self._metrics.training_job_threads(job_id, record["threads"])
+            if isinstance(record.get("memory_bytes"), int):  # a CUDA worker's allocator, with its step events
+                self._metrics.training_job_memory(job_id, current=record["memory_bytes"],
+                                                  peak=record.get("peak_memory_bytes"))
+        if event not in ("phase", "step", "eval_progress", "eval", "done", "resume"):
             return
         fields: dict[str, Any] = {}
-        for name in ("step", "total_steps"):
+        for name in ("step", "total_steps", "resumed_from_step"):
             if isinstance(record.get(name), int):
                 fields[name] = record[name]
         for name in ("loss", "eval_loss"):
@@ -627,6 +729,9 @@ class TrainingManager:
             message = f"evaluating {record.get('eval_examples_done')}/{record.get('eval_examples_total')} examples"
         elif event == "eval":
             message = f"eval loss {fields['eval_loss']:.4f} at step {step}" if "eval_loss" in fields else "eval"
+        elif event == "resume":
+            message = (f"resuming from the checkpoint at step {step}" if fields.get("resumed_from_step")
+                       else "no complete checkpoint: training again from step 0")
         else:
             message = f"training done at step {step}"
         if event != "step":  # only a step moves the loss; other events repeat the latest one

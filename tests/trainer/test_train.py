@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from conftest import learnable_rows, loss_fell, tiny_config, write_jsonl
 
 from server.errors import AlreadyExists, Cancelled, FailedPrecondition
+from trainer import fast
 from trainer.adapter import inspect_adapter
 from trainer.data import DataError
 from trainer.train import (
@@ -66,15 +66,17 @@ def test_learn_check_catches_broken_recipe(tiny_model_dir, learnable_data, tmp_p
 
 
 def test_nan_loss_stops_with_clear_error_and_no_adapter(tiny_model_dir, learnable_data, tmp_path, monkeypatch):
-    original = transformers.Trainer.compute_loss
+    # The trainer's training loss is trainer.fast.chunked_causal_lm_loss (one call per micro-batch, here one per
+    # step); poison it from the 4th step on.
+    original = fast.chunked_causal_lm_loss
+    calls = []
 
-    def poisoned(self, model, inputs, return_outputs=False, **kwargs):
-        out = original(self, model, inputs, return_outputs=return_outputs, **kwargs)
-        if return_outputs or self.state.global_step < 3:
-            return out
-        return out * float("nan")
+    def poisoned(model, inputs, num_items_in_batch=None):
+        calls.append(1)
+        out = original(model, inputs, num_items_in_batch)
+        return out if len(calls) <= 3 else out * float("nan")
 
-    monkeypatch.setattr(transformers.Trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(fast, "chunked_causal_lm_loss", poisoned)
     cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=10)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4"):
         train(cfg)
@@ -82,13 +84,12 @@ def test_nan_loss_stops_with_clear_error_and_no_adapter(tiny_model_dir, learnabl
 
 
 def test_loss_stuck_at_zero_stops(tiny_model_dir, learnable_data, tmp_path, monkeypatch):
-    original = transformers.Trainer.compute_loss
+    original = fast.chunked_causal_lm_loss
 
-    def zeroed(self, model, inputs, return_outputs=False, **kwargs):
-        out = original(self, model, inputs, return_outputs=return_outputs, **kwargs)
-        return out if return_outputs else out * 0.0  # training loss exactly 0 (eval untouched)
+    def zeroed(model, inputs, num_items_in_batch=None):
+        return original(model, inputs, num_items_in_batch) * 0.0  # training loss exactly 0 (eval untouched)
 
-    monkeypatch.setattr(transformers.Trainer, "compute_loss", zeroed)
+    monkeypatch.setattr(fast, "chunked_causal_lm_loss", zeroed)
     cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=10, zero_loss_patience=3)
     with pytest.raises(TrainingDiverged, match="exactly 0 for 3 steps"):
         train(cfg)

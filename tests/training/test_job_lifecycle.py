@@ -1,5 +1,5 @@
 """The manager's side of a job's life, with a scripted stand-in for the worker process (no model): phases, the
-``training_*`` gauges before, during and after a job, and why a job ended (shutdown vs client cancel vs crash)."""
+``training_*`` gauges before, during and after a job, and how a job ends (shutdown vs client cancel vs crash)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from server.training.jobs import (
     CANCELLED,
     DB_FILE,
     FAILED,
+    QUEUED,
     RUNNING,
-    SHUTDOWN_ERROR,
     Job,
     JobRequest,
     JobStore,
@@ -167,29 +167,36 @@ def test_phases_are_stored_and_published_in_order(tmp_path, fake_python, monkeyp
         manager.close()
 
 
-def test_shutdown_cancel_says_so_unlike_a_client_cancel_or_a_crash(tmp_path, fake_python, monkeypatch):
+def test_shutdown_interrupts_for_resume_unlike_a_client_cancel_or_a_crash(tmp_path, fake_python, monkeypatch):
     monkeypatch.setenv("FAKE_WORKER_PLAN", json.dumps([phase("loading"), phase("training"), step(1, 2.0, 50.0),
                                                       ["wait", "never"]]))
     state = tmp_path / "state"
     manager = _manager(state, fake_python).start()
     by_client = manager.create(JobRequest("a1", str(_dataset(tmp_path))))
     wait_for(lambda: manager.get(by_client.job_id).step == 1, what="the first job's step")
-    assert manager.cancel(by_client.job_id).error == ""  # a client's cancel: no error
+    cancelled = manager.cancel(by_client.job_id)
+    assert (cancelled.state, cancelled.error, cancelled.restarts) == (CANCELLED, "", 0)  # a client's cancel
+    assert not Path(cancelled.output_dir).exists()  # ... removes the job directory
     at_shutdown = manager.create(JobRequest("a2", str(_dataset(tmp_path))))
     wait_for(lambda: manager.get(at_shutdown.job_id).step == 1, what="the second job's step")
     watch = manager.watch(at_shutdown.job_id)
     manager.close()  # what SIGTERM / Ctrl-C to the server does
     job = JobStore(state / DB_FILE).get(at_shutdown.job_id)
-    assert (job.state, job.error) == (CANCELLED, SHUTDOWN_ERROR)
-    assert "server shut down" in job.error and "start it again" in job.error
-    assert [e.job.error for e in list(_drain(watch)) if e.job.terminal] == [SHUTDOWN_ERROR]
+    assert (job.state, job.error, job.restarts, job.phase) == (QUEUED, "", 1, "")  # interrupted, to resume
+    assert Path(job.output_dir).is_dir()  # its directory (checkpoints) is kept
+    events = list(_drain(watch))
+    assert events[-1].job.state == QUEUED and "resumes from its last checkpoint" in events[-1].message
 
-    again = _manager(state, fake_python).start()  # a restarted server still says why
+    again = _manager(state, fake_python).start()  # a restarted server resumes it: same directory, resume asked
     try:
-        assert again.get(at_shutdown.job_id).error == SHUTDOWN_ERROR
+        wait_for(lambda: again.get(at_shutdown.job_id).state == RUNNING and again.get(at_shutdown.job_id).pid
+                 and again.get(at_shutdown.job_id).pid != job.pid, what="the resumed run")
+        spec = json.loads((Path(job.output_dir) / "job.json").read_text())
+        assert spec["resume"] is True and again.get(at_shutdown.job_id).restarts == 1
         assert again.get(by_client.job_id).error == ""
     finally:
         again.close()
+    assert JobStore(state / DB_FILE).get(at_shutdown.job_id).restarts == 2
 
     # A crash reads differently again.
     monkeypatch.setenv("FAKE_WORKER_PLAN", json.dumps([phase("loading"), ["exit", 3]]))
@@ -224,7 +231,8 @@ def test_a_version_1_database_gains_the_phase_column(tmp_path):
             PRAGMA user_version=1;""")
     store = JobStore(path)
     try:
-        assert store.get("old").phase == "" and store.get("old").state == "succeeded"
+        old = store.get("old")
+        assert (old.phase, old.state, old.resumed_from_step, old.restarts) == ("", "succeeded", 0, 0)
         store.create(Job(job_id="new", state="queued", adapter_id="b", created_at=2.0, output_dir="/o2"))
         store.transition("new", RUNNING, phase="loading")
         assert store.update("new", phase="evaluating").phase == "evaluating"
@@ -234,7 +242,7 @@ def test_a_version_1_database_gains_the_phase_column(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 @settings(max_examples=40, deadline=None)

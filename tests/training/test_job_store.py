@@ -14,8 +14,9 @@ from server.training.jobs import (
     CANCELLED,
     DB_FILE,
     FAILED,
+    INTERRUPTED_ERROR,
+    MAX_RESTARTS,
     QUEUED,
-    RESTART_ERROR,
     RUNNING,
     SUCCEEDED,
     Job,
@@ -82,7 +83,7 @@ def test_state_machine(tmp_path):
     store.close()
 
 
-def test_a_new_store_sees_the_jobs_and_fails_the_interrupted_one(tmp_path):
+def test_a_new_store_sees_the_jobs_and_requeues_the_interrupted_one_first(tmp_path):
     path = tmp_path / DB_FILE
     first = JobStore(path)
     first.create(job("old", 1.0))
@@ -97,8 +98,10 @@ def test_a_new_store_sees_the_jobs_and_fails_the_interrupted_one(tmp_path):
     changed = second.recover_interrupted(now=5.0)
     assert [j.job_id for j in changed] == ["mid"]
     mid = second.get("mid")
-    assert (mid.state, mid.error, mid.finished_at, mid.step, mid.loss) == (FAILED, RESTART_ERROR, 5.0, 4, 0.5)
+    assert (mid.state, mid.error, mid.finished_at, mid.step, mid.loss, mid.restarts) == \
+        (QUEUED, "", None, 4, 0.5, 1)
     assert second.get("old").state == SUCCEEDED and second.get("new").state == QUEUED  # queued jobs run again
+    assert second.next_queued().job_id == "mid"  # created before "new": it keeps its place in the FIFO queue
     assert [j.job_id for j in second.list()] == ["new", "mid", "old"]
     first.close()
     second.close()
@@ -118,14 +121,15 @@ def test_manager_restart_recovers_jobs_and_owns_its_state_dir(tmp_path):
     store.create(job("done", 1.0))
     store.transition("done", RUNNING)
     store.transition("done", CANCELLED, finished_at=2.0)
-    store.create(job("left", 3.0))
+    store.create(job("left", 3.0, restarts=MAX_RESTARTS))  # resumed as often as allowed: this time it fails
     store.transition("left", RUNNING, started_at=3.0, pid=999999)
     store.close()
 
     metrics = Metrics()
     manager = _manager(state, metrics).start()
     try:
-        assert manager.get("left").state == FAILED and manager.get("left").error == RESTART_ERROR
+        assert manager.get("left").state == FAILED
+        assert manager.get("left").error.startswith(f"{INTERRUPTED_ERROR}: interrupted {MAX_RESTARTS + 1} times")
         assert [j.job_id for j in manager.list()] == ["left", "done"]
         assert metrics.registry.get_sample_value("qlora_server_training_jobs", {"state": "failed"}) == 1
         assert metrics.registry.get_sample_value("qlora_server_training_jobs", {"state": "running"}) == 0

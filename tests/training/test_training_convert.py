@@ -60,14 +60,14 @@ def test_request_job_and_event_round_trip():
     req = JobRequest(adapter_id="a", dataset_path="/d.jsonl", replace=True, config={"max_steps": 3})
     assert conv.job_request_from_proto(conv.job_request_to_proto(req)) == req
     job = Job(job_id="job-1", state="running", adapter_id="a", step=3, total_steps=10, loss=1.25, error="",
-              phase="evaluating", created_at=100.5, started_at=101.0, output_dir="/s/jobs/job-1",
-              replace=True, dataset_path="/d.jsonl", config={"r": 4}, pid=42)
+              phase="evaluating", resumed_from_step=2, restarts=1, created_at=100.5, started_at=101.0,
+              output_dir="/s/jobs/job-1", replace=True, dataset_path="/d.jsonl", config={"r": 4}, pid=42)
     msg = conv.job_to_proto(job)
     assert not msg.HasField("eval_loss") and not msg.HasField("finished_at") and msg.HasField("loss")
     back = conv.job_from_proto(msg)
     assert back == Job(job_id="job-1", state="running", adapter_id="a", step=3, total_steps=10, loss=1.25,
-                       phase="evaluating", created_at=100.5, started_at=101.0,
-                       output_dir="/s/jobs/job-1")  # server-only fields dropped
+                       phase="evaluating", resumed_from_step=2, restarts=1, created_at=100.5,
+                       started_at=101.0, output_dir="/s/jobs/job-1")  # server-only fields dropped
     event = JobEvent(back, "step 3/10")
     assert conv.job_event_from_proto(conv.job_event_to_proto(event)) == event
 

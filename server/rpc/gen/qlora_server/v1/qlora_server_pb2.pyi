@@ -248,7 +248,7 @@ class FileChunk(_message.Message):
     def __init__(self, filename: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "learning_rate", "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "optim", "seed", "eval_fraction", "warmup_ratio", "lr_scheduler", "max_grad_norm", "weight_decay", "truncate", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "zero_loss_patience", "gradient_checkpointing", "eval_max_examples")
+    __slots__ = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "learning_rate", "max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "optim", "seed", "eval_fraction", "warmup_ratio", "lr_scheduler", "max_grad_norm", "weight_decay", "truncate", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "zero_loss_patience", "gradient_checkpointing", "eval_max_examples", "packing")
     R_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +275,7 @@ class TrainingConfig(_message.Message):
     ZERO_LOSS_PATIENCE_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     EVAL_MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
     r: int
     lora_alpha: float
     lora_dropout: float
@@ -301,10 +302,11 @@ class TrainingConfig(_message.Message):
     zero_loss_patience: int
     gradient_checkpointing: bool
     eval_max_examples: int
-    def __init__(self, r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., use_rslora: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., num_epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., optim: _Optional[str] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., weight_decay: _Optional[float] = ..., truncate: _Optional[bool] = ..., eval_steps: _Optional[int] = ..., save_steps: _Optional[int] = ..., save_total_limit: _Optional[int] = ..., logging_steps: _Optional[int] = ..., zero_loss_patience: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., eval_max_examples: _Optional[int] = ...) -> None: ...
+    packing: bool
+    def __init__(self, r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., use_rslora: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., num_epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., optim: _Optional[str] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., weight_decay: _Optional[float] = ..., truncate: _Optional[bool] = ..., eval_steps: _Optional[int] = ..., save_steps: _Optional[int] = ..., save_total_limit: _Optional[int] = ..., logging_steps: _Optional[int] = ..., zero_loss_patience: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., eval_max_examples: _Optional[int] = ..., packing: _Optional[bool] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "state", "adapter_id", "step", "total_steps", "loss", "eval_loss", "error", "created_at", "started_at", "finished_at", "output_dir", "phase")
+    __slots__ = ("job_id", "state", "adapter_id", "step", "total_steps", "loss", "eval_loss", "error", "created_at", "started_at", "finished_at", "output_dir", "phase", "resumed_from_step", "restarts")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +320,8 @@ class TrainingJob(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     adapter_id: str
@@ -331,7 +335,9 @@ class TrainingJob(_message.Message):
     finished_at: float
     output_dir: str
     phase: JobPhase
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., adapter_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., output_dir: _Optional[str] = ..., phase: _Optional[_Union[JobPhase, str]] = ...) -> None: ...
+    resumed_from_step: int
+    restarts: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., adapter_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., output_dir: _Optional[str] = ..., phase: _Optional[_Union[JobPhase, str]] = ..., resumed_from_step: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class CreateTrainingJobRequest(_message.Message):
     __slots__ = ("adapter_id", "dataset_path", "replace", "config")

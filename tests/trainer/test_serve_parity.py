@@ -1,0 +1,96 @@
+"""Train/serve parity: an adapter the trainer wrote, registered with the server's adapter store and served by the
+model runner, gives the logits the trainer's own model gives for the same tokens."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.tiny import edit_config
+from tests.trainer.conftest import tiny_config
+
+ADAPTER_ID = "trained"
+#: Tolerance on ``max |served - trainer|`` as a share of the row's largest |logit|, per compute dtype.
+#: float32: both sides compute the same float32 products in different kernels and orders (PEFT's module hooks and
+#: SDPA vs the runner's banks and paged attention); measured 1.3e-6 on this model, so 1e-4 leaves a wide margin.
+#: bfloat16: every base matmul output and the residual stream are rounded to bf16 (8 significant bits, one step =
+#: 2^-8 of the value) on both sides but at different points (PEFT adds the float32 LoRA term to the bf16 base
+#: output; the runner's order differs), and a one-step difference early can grow through two blocks; measured at
+#: most 0.0043 (about one step of the largest logit), so the bound is 4 steps, 2^-6. bitsandbytes' fused CPU kernel
+#: (bf16 scales; off since server.model.base.keep_plain_cpu_4bit_matmul) was 0.03-0.06 and fails both bounds.
+REL_TOL = {"float32": 1e-4, "bfloat16": 2.0**-6}
+
+
+def _prompts(tok) -> list[list[int]]:
+    chats = ["<|im_start|>user\nup abc<|im_end|>\n<|im_start|>assistant\n",
+             "<|im_start|>user\nup hgf<|im_end|>\n<|im_start|>assistant\nHGF HGF <|im_end|>\n",
+             "plain text, no template: 0123456789"]
+    return [tok(c, add_special_tokens=False)["input_ids"] for c in chats]
+
+
+def _trainer_logits(model, ids: list[int]) -> torch.Tensor:
+    """The trained PeftModel (eval mode), whole sequence at once: ``[len(ids), V]`` float32."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def _served_logits(runner, ids: list[int], slot: int) -> torch.Tensor:
+    """The model runner's prefill logits of every prefix of ``ids`` (each a fresh prefill from position 0):
+    ``[len(ids), V]`` float32."""
+    blocks = tuple(range(1, 1 + -(-len(ids) // runner.pool.block_size)))
+    from server.model.runner import StepRow
+
+    return torch.stack([runner.prefill([StepRow(tuple(ids[:k]), 0, blocks, slot)])[0].float()
+                        for k in range(1, len(ids) + 1)])
+
+
+def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest ``|got - want|`` of a position, over that position's largest ``|want|``; worst position."""
+    return float(((got - want).abs().amax(-1) / want.abs().amax(-1)).max())
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_served_logits_equal_trainer_logits(tiny_model_dir, learnable_data, tmp_path, compute_dtype):
+    from server.adapters.store import AdapterStore
+    from server.adapters.types import BaseModelSpec
+    from server.config import EngineConfig, ModelConfig
+    from server.model.base import load_base_model
+    from server.model.runner import build_runner
+    from trainer.train import TrainingSession
+
+    # Train: rank 8, alpha 16 (scale 2, so a scaling mistake shows), a few steps at a high LR so B is far from 0.
+    cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=6, compute_dtype=compute_dtype,
+                      eval_fraction=0.0, r=8, lora_alpha=16)
+    session = TrainingSession(cfg)
+    result = session.run()
+    prompts = _prompts(session.tokenizer)
+    want = [_trainer_logits(session.model, ids) for ids in prompts]
+
+    # Serve: the server's base loader, runner and adapter store; the adapter goes in through registration.
+    model, _, info = load_base_model(ModelConfig(model=str(tiny_model_dir), device="cpu", compute_dtype=compute_dtype))
+    assert info.compute_dtype == compute_dtype
+    engine_cfg = EngineConfig(adapter_slots=2, max_lora_rank=16, cpu_adapter_cache=2)
+    runner = build_runner(model, engine_cfg, torch.float32, 128)
+    store = AdapterStore(tmp_path / "store", BaseModelSpec.from_model(model, info.name, engine_cfg.max_lora_rank))
+    store.register(ADAPTER_ID, result.adapter_dir)
+    runner.banks.load(0, store.load(ADAPTER_ID))
+
+    tol = REL_TOL[compute_dtype]
+    errors = [_rel_error(_served_logits(runner, ids, 0), w) for ids, w in zip(prompts, want)]
+    print(f"{compute_dtype}: worst relative |served - trainer| per prompt = {[f'{e:.3g}' for e in errors]}")
+    assert max(errors) <= tol, (errors, tol)
+
+    # The comparison can fail: served without the adapter, or with a wrong scaling (alpha/r = 1 instead of 2;
+    # rsLoRA's alpha/sqrt(r)), the logits are far outside the tolerance.
+    wrong = {}
+    for name, changes in {"alpha-equals-r": dict(lora_alpha=8), "rslora": dict(use_rslora=True)}.items():
+        edit_config(shutil.copytree(result.adapter_dir, tmp_path / name), **changes)
+        store.register(name, tmp_path / name)
+        runner.banks.load(1, store.load(name))
+        wrong[name] = max(_rel_error(_served_logits(runner, ids, 1), w) for ids, w in zip(prompts, want))
+    wrong["no adapter"] = max(_rel_error(_served_logits(runner, ids, -1), w) for ids, w in zip(prompts, want))
+    print(f"{compute_dtype}: relative error when served wrongly: {wrong}")
+    for name, err in wrong.items():
+        assert err > 5 * tol, (name, err, tol)
