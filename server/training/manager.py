@@ -702,7 +702,10 @@ class TrainingManager:
         if self._metrics is not None:
             if event == "started" and isinstance(record.get("threads"), int):
                 self._metrics.training_job_threads(job_id, record["threads"])
-            if isinstance(record.get("memory_bytes"), int):  # a CUDA worker's allocator, with its step events
+            # A CUDA worker's allocator, with its step events; a CPU server reads the worker's RSS instead, and
+            # mixing the two sources would make "current" and "peak" incomparable.
+            cpu_server = self._budget is not None and self._budget.on_cpu
+            if isinstance(record.get("memory_bytes"), int) and not cpu_server:
                 self._metrics.training_job_memory(job_id, current=record["memory_bytes"],
                                                   peak=record.get("peak_memory_bytes"))
         if event not in ("phase", "step", "eval_progress", "eval", "done", "resume"):
