@@ -353,6 +353,8 @@ def apply_worker_budget(settings: dict | None) -> dict:
     device = str(settings.get("device") or "cpu")
     if budget and device.startswith("cuda") and torch.cuda.is_available():
         dev = torch.device(device)
+        if dev.index is None:  # "cuda": the current device (set_per_process_memory_fraction needs an index)
+            dev = torch.device("cuda", torch.cuda.current_device())
         total = torch.cuda.get_device_properties(dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)
     return {"threads": torch.get_num_threads(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
