@@ -20,7 +20,11 @@ ADAPTER_ID = "trained"
 #: output; the runner's order differs), and a one-step difference early can grow through two blocks; measured at
 #: most 0.0043 (about one step of the largest logit), so the bound is 4 steps, 2^-6. bitsandbytes' fused CPU kernel
 #: (bf16 scales; off since server.model.base.keep_plain_cpu_4bit_matmul) was 0.03-0.06 and fails both bounds.
+#: On CUDA (run on an H200 with ``pytest tests/trainer/test_serve_parity.py``) both sides compute LoRA in bf16 (the
+#: trainer's fused LoRA forward; the server's ``lora_dtype`` auto = the compute dtype), the same 2^-6 bound.
 REL_TOL = {"float32": 1e-4, "bfloat16": 2.0**-6}
+CASES = [("cpu", "float32"), ("cpu", "bfloat16"),
+         pytest.param("cuda", "bfloat16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def _prompts(tok) -> list[list[int]]:
@@ -31,9 +35,10 @@ def _prompts(tok) -> list[list[int]]:
 
 
 def _trainer_logits(model, ids: list[int]) -> torch.Tensor:
-    """The trained PeftModel (eval mode), whole sequence at once: ``[len(ids), V]`` float32."""
+    """The trained PeftModel (eval mode), whole sequence at once: ``[len(ids), V]`` float32, on the CPU."""
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids])).logits[0].float()
+        return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
 
 
 def _served_logits(runner, ids: list[int], slot: int) -> torch.Tensor:
@@ -42,7 +47,7 @@ def _served_logits(runner, ids: list[int], slot: int) -> torch.Tensor:
     blocks = tuple(range(1, 1 + -(-len(ids) // runner.pool.block_size)))
     from server.model.runner import StepRow
 
-    return torch.stack([runner.prefill([StepRow(tuple(ids[:k]), 0, blocks, slot)])[0].float()
+    return torch.stack([runner.prefill([StepRow(tuple(ids[:k]), 0, blocks, slot)])[0].float().cpu()
                         for k in range(1, len(ids) + 1)])
 
 
@@ -51,8 +56,8 @@ def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(((got - want).abs().amax(-1) / want.abs().amax(-1)).max())
 
 
-@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
-def test_served_logits_equal_trainer_logits(tiny_model_dir, learnable_data, tmp_path, compute_dtype):
+@pytest.mark.parametrize(("device", "compute_dtype"), CASES)
+def test_served_logits_equal_trainer_logits(tiny_model_dir, learnable_data, tmp_path, device, compute_dtype):
     from server.adapters.store import AdapterStore
     from server.adapters.types import BaseModelSpec
     from server.config import EngineConfig, ModelConfig
@@ -62,24 +67,26 @@ def test_served_logits_equal_trainer_logits(tiny_model_dir, learnable_data, tmp_
 
     # Train: rank 8, alpha 16 (scale 2, so a scaling mistake shows), a few steps at a high LR so B is far from 0.
     cfg = tiny_config(tiny_model_dir, learnable_data, tmp_path / "run", max_steps=6, compute_dtype=compute_dtype,
-                      eval_fraction=0.0, r=8, lora_alpha=16)
+                      eval_fraction=0.0, r=8, lora_alpha=16, device=device)
     session = TrainingSession(cfg)
     result = session.run()
     prompts = _prompts(session.tokenizer)
     want = [_trainer_logits(session.model, ids) for ids in prompts]
 
     # Serve: the server's base loader, runner and adapter store; the adapter goes in through registration.
-    model, _, info = load_base_model(ModelConfig(model=str(tiny_model_dir), device="cpu", compute_dtype=compute_dtype))
+    model, _, info = load_base_model(ModelConfig(model=str(tiny_model_dir), device=device,
+                                                 compute_dtype=compute_dtype))
     assert info.compute_dtype == compute_dtype
     engine_cfg = EngineConfig(adapter_slots=2, max_lora_rank=16, cpu_adapter_cache=2)
-    runner = build_runner(model, engine_cfg, torch.float32, 128)
+    lora_dtype = torch.float32 if device == "cpu" else getattr(torch, compute_dtype)  # the server's lora_dtype auto
+    runner = build_runner(model, engine_cfg, lora_dtype, 128)
     store = AdapterStore(tmp_path / "store", BaseModelSpec.from_model(model, info.name, engine_cfg.max_lora_rank))
     store.register(ADAPTER_ID, result.adapter_dir)
     runner.banks.load(0, store.load(ADAPTER_ID))
 
     tol = REL_TOL[compute_dtype]
     errors = [_rel_error(_served_logits(runner, ids, 0), w) for ids, w in zip(prompts, want)]
-    print(f"{compute_dtype}: worst relative |served - trainer| per prompt = {[f'{e:.3g}' for e in errors]}")
+    print(f"{device} {compute_dtype}: worst relative |served - trainer| per prompt = {[f'{e:.3g}' for e in errors]}")
     assert max(errors) <= tol, (errors, tol)
 
     # The comparison can fail: served without the adapter, or with a wrong scaling (alpha/r = 1 instead of 2;
@@ -91,6 +98,6 @@ def test_served_logits_equal_trainer_logits(tiny_model_dir, learnable_data, tmp_
         runner.banks.load(1, store.load(name))
         wrong[name] = max(_rel_error(_served_logits(runner, ids, 1), w) for ids, w in zip(prompts, want))
     wrong["no adapter"] = max(_rel_error(_served_logits(runner, ids, -1), w) for ids, w in zip(prompts, want))
-    print(f"{compute_dtype}: relative error when served wrongly: {wrong}")
+    print(f"{device} {compute_dtype}: relative error when served wrongly: {wrong}")
     for name, err in wrong.items():
         assert err > 5 * tol, (name, err, tol)

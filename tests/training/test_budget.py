@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("peft")
 
@@ -222,3 +224,33 @@ def test_a_served_job_runs_with_the_budgets_threads_and_niceness(served):
     values = {k: sample("qlora_server_training_memory_bytes", {"job_id": job.job_id, "kind": k})
               for k in ("budget", "estimate", "current", "peak")}
     assert values["estimate"] <= values["budget"] and 0 < values["current"] <= values["peak"] <= values["estimate"]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spelling=st.sampled_from(["cuda", "cuda:0", "cuda:1", "cuda:3"]), current=st.integers(0, 3),
+       budget=st.integers(1, 2**40))
+def test_cuda_cap_always_names_a_device_index(monkeypatch, spelling, current, budget):
+    """Every spelling of a CUDA device caps an indexed device (torch refuses an index-less "cuda"), the current
+    device for a bare "cuda", with the budget's share of that device's memory (found on an H200: "cuda" failed
+    every job's worker before this)."""
+    import torch
+
+    from server.training.budget import apply_worker_budget
+
+    calls = []
+    total = 141 * 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: type("Props", (), {"total_memory": total})())
+
+    def cap(fraction, device):
+        if not isinstance(device, int) and getattr(torch.device(device), "index", None) is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        calls.append((fraction, torch.device(device).index if not isinstance(device, int) else device))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", cap)
+    applied = apply_worker_budget({"memory_bytes": budget, "device": spelling})
+    want_index = current if spelling == "cuda" else int(spelling.split(":")[1])
+    assert calls == [(min(1.0, budget / total), want_index)]
+    assert applied["memory_budget_bytes"] == budget
