@@ -1,8 +1,9 @@
 """Serving latency with and without a concurrent training job on the same machine (CPU), and the job's pace.
 
-    .venv/bin/python bench/train_beside_serve.py [--steps 6] [--requests 12] [-- extra serve flags]
+    .venv/bin/python bench/train_beside_serve.py [--steps 6] [--requests 12] [--model smollm2] [--device cpu]
+        [-- extra serve flags]
 
-Starts the real server (embedded SmolLM2-135M, NF4, ``--device cpu``), runs a fixed streaming load
+Starts the real server (``--model``, default the embedded SmolLM2-135M, NF4, on ``--device``), runs a fixed streaming load
 (``bench/load_gen.py``: 2 concurrent streams, 32-word prompts, 32 new tokens, ``ignore_eos``) once with no job, then
 starts a training job (the examples/extraction recipe: r 16, all linear layers, batch 8, max_seq_length 256, no
 checkpointing, ``--steps`` steps) and, once its first step is done, runs the same load again while it trains.
@@ -44,10 +45,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--requests", type=int, default=12, help="requests per phase")
+    p.add_argument("--model", default="smollm2", help="the served base model (default: the embedded SmolLM2)")
+    p.add_argument("--device", default="cpu", help="the server's device: cpu or cuda")
     p.add_argument("serve_flags", nargs="*", help="extra `serve` flags (after --)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="train-beside-serve-"))
-    server = start_server("smollm2", work / "adapters", work / "server.log", *args.serve_flags)
+    server = start_server(args.model, work / "adapters", work / "server.log", *args.serve_flags, device=args.device)
     try:
         stubs = pbg.TrainingStub(server.channel())
         _load(server.target, 2)  # warm-up
@@ -72,7 +75,7 @@ def main() -> None:
         per_step = ((steps[-1]["elapsed_seconds"] - steps[0]["elapsed_seconds"]) / (len(steps) - 1)
                     if len(steps) > 1 else None)
         started = progress[0]
-        out = {"serve_flags": args.serve_flags, "job_state": pb.JobState.Name(state.state), "job_error": state.error,
+        out = {"model": args.model, "device": args.device, "serve_flags": args.serve_flags, "job_state": pb.JobState.Name(state.state), "job_error": state.error,
                "job_steps": len(steps), "job_seconds_per_step": per_step, "steps_done_by_end_of_load": step_during_load,
                "job_threads": started.get("threads"), "job_nice": started.get("nice"),
                "job_memory": {k: _metric(exposition, "qlora_server_training_memory_bytes", job_id=job.job_id, kind=k)
