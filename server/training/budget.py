@@ -116,7 +116,8 @@ def estimate_peak_bytes(config, shape: ModelShape, *, base_weight_bytes: int | N
       ``modeling_llama``; bitsandbytes' ``MatMul4Bit`` saves its input): two RMSNorms (float32 input and
       normalised copy, 2·4·h per token each), the two normalised inputs, q, repeated k and v, the attention
       output and o_proj's input (7·h·d), the SwiGLU's gate, SiLU, up and product (4·i·d); the attention
-      probabilities b·a·s²·4 (SDPA's math path; the fused kernels need less); per adapted module its float32
+      probabilities b·a·s²·4 (SDPA's math path; the fused kernels need less) — with ``packing`` the b examples
+      are one row of T tokens under a block-diagonal mask, so a·T²·4; per adapted module its float32
       input copy (T·in·4, unless compute is float32 and lora_dropout is 0: then it is the base's input) plus a
       dropout mask (T·in bytes when lora_dropout > 0) and the A output (T·r·4). Without
       ``gradient_checkpointing``: (L + 1) blocks (the +1: the gradients of the block in backward). With it:
@@ -159,7 +160,9 @@ def estimate_peak_bytes(config, shape: ModelShape, *, base_weight_bytes: int | N
             lora_act += tokens * width * 4
         if dropout:
             lora_act += tokens * width
-    block = (tokens * (2 * 2 * 4 * h + d * (7 * h + 4 * i)) + b * shape.num_heads * s * s * 4 + lora_act)
+    # Packed batches are one row of b·s tokens: SDPA with the block-diagonal mask still forms all T² scores.
+    attention = shape.num_heads * (tokens * tokens if getattr(config, "packing", False) else b * s * s) * 4
+    block = (tokens * (2 * 2 * 4 * h + d * (7 * h + 4 * i)) + attention + lora_act)
     if config.gradient_checkpointing:
         activations = shape.num_layers * tokens * h * d + 2 * block
     else:
