@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,14 @@ class EngineConfig:
                  "must be >= adapter_slots (the host tier backs every accelerator slot)")
 
 
+def usable_cpus() -> int:
+    """Cores this process may run on (``sched_getaffinity``; ``os.cpu_count()`` where that is missing)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class TrainingLimits:
     """What one server-side training job may take from the machine (``server.training.budget`` applies them).
@@ -136,8 +145,8 @@ class TrainingLimits:
         memory_bytes: the job's memory budget (bytes; CPU: the worker's resident memory, CUDA: its allocator on
             the server's device); 0 = auto: half of the memory free on that device when the job is created and
             again when it starts. A job whose estimated peak exceeds it is refused (FAILED_PRECONDITION).
-        threads: the worker's CPU threads (torch intra-op, OpenMP, MKL); 0 = auto: half the usable cores, at least
-            1, so serving keeps the other half.
+        threads: the worker's CPU threads (torch intra-op, OpenMP, MKL), at most the usable cores; 0 = auto: half
+            the usable cores, at least 1, so serving keeps the other half.
         nice: the worker's niceness (0..19; higher = lower CPU priority), so serving wins contended cores.
     """
 
@@ -148,6 +157,10 @@ class TrainingLimits:
     def __post_init__(self) -> None:
         _require(self.memory_bytes >= 0, "training_memory_bytes", "must be >= 0 (0 = auto)")
         _require(self.threads >= 0, "training_threads", "must be >= 0 (0 = auto)")
+        cpus = usable_cpus()
+        _require(self.threads <= cpus, "training_threads",
+                 f"must be at most the {cpus} cores this server may use (0 = auto: half of them); more threads than "
+                 "cores only make the job's threads preempt each other")
         _require(0 <= self.nice <= 19, "training_nice", "must be 0..19")
 
 

@@ -85,8 +85,11 @@ class TrainConfig:
         gradient_checkpointing: recompute block activations in the backward pass (non-reentrant).
         packing: concatenate the examples of a training micro-batch into one row with no padding (position ids
             restart at 0 per example, attention stays inside each example: ``data.make_collator``); the loss, its
-            gradients and the per-example logits are those of the padded batch up to float rounding. ``False`` pads
-            every micro-batch to its longest example. Evaluation batches are always padded.
+            gradients and the per-example logits are those of the padded batch up to float rounding. ``False`` (the
+            default) pads every micro-batch to its longest example. Off by default because SDPA still scores every
+            pair of the packed row (T² for T tokens in the micro-batch, against Σ length² padded): it pays when
+            padding dominates, and it keeps a step's shape from repeating (no CUDA-graph replay). Evaluation
+            batches are always padded.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         cache_dir: where the embedded model is converted to (as the server's ``ModelConfig.cache_dir``).
     """
@@ -124,7 +127,7 @@ class TrainConfig:
     zero_loss_patience: int = 3
     compute_dtype: str = "auto"
     gradient_checkpointing: bool = True
-    packing: bool = True
+    packing: bool = False
     device: str = "auto"
     cache_dir: Path = field(default_factory=_default_cache_dir)
 

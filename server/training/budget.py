@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from server.config import usable_cpus
 from server.errors import FailedPrecondition
 
 #: Share of the memory free on the training device (CPU: ``MemAvailable``; CUDA: ``cudaMemGetInfo`` free bytes,
@@ -185,14 +186,6 @@ def auto_threads(cpus: int) -> int:
     """Training threads for ``--training-threads 0`` (auto) on a machine with ``cpus`` usable cores: half of
     them, rounded down, at least 1, so serving keeps at least ⌈cpus/2⌉ cores (2 cores: 1 for training)."""
     return max(1, int(cpus) // 2)
-
-
-def usable_cpus() -> int:
-    """Cores this process may run on (``sched_getaffinity``; ``os.cpu_count()`` where that is missing)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def free_memory_bytes(device: str) -> int:

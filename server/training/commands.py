@@ -60,7 +60,7 @@ CONFIG_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("logging_steps", _INT32, "record the training loss every N steps"),
     ("zero_loss_patience", _INT32, "fail after this many consecutive steps of exactly 0 loss"),
     ("gradient_checkpointing", bool, "recompute activations in the backward pass (default on)"),
-    ("packing", bool, "concatenate each micro-batch's examples into one unpadded row (default on)"),
+    ("packing", bool, "concatenate each micro-batch's examples into one unpadded row (default off)"),
 )
 
 

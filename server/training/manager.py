@@ -699,6 +699,12 @@ class TrainingManager:
             with self._lock:
                 self._publish(self._jobs.get(job_id), record["message"])
             return
+        if event == "started" and isinstance(record.get("threads"), int):  # the budget in force, for watchers
+            budget = record.get("memory_budget_bytes") or 0
+            with self._lock:
+                self._publish(self._jobs.get(job_id), f"worker running with {record['threads']} CPU thread(s) at "
+                              f"nice {record.get('nice')}, memory budget "
+                              + (f"{budget} bytes" if budget else "none"))
         if self._metrics is not None:
             if event == "started" and isinstance(record.get("threads"), int):
                 self._metrics.training_job_threads(job_id, record["threads"])

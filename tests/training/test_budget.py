@@ -219,6 +219,9 @@ def test_a_served_job_runs_with_the_budgets_threads_and_niceness(served):
     started = json.loads((job_dir / "progress.jsonl").read_text().splitlines()[0])
     assert started["event"] == "started"
     assert started["threads"] == budget.threads and started["nice"] == budget.nice
+    said = [e.message for e in events if e.message.startswith("worker running with")]  # what `jobs watch` prints
+    assert said == [f"worker running with {budget.threads} CPU thread(s) at nice {budget.nice}, memory budget "
+                    f"{started['memory_budget_bytes']} bytes"]
     sample = served.app.metrics.registry.get_sample_value
     assert sample("qlora_server_training_threads", {"job_id": job.job_id}) == budget.threads
     values = {k: sample("qlora_server_training_memory_bytes", {"job_id": job.job_id, "kind": k})
@@ -254,3 +257,22 @@ def test_cuda_cap_always_names_a_device_index(monkeypatch, spelling, current, bu
     want_index = current if spelling == "cuda" else int(spelling.split(":")[1])
     assert calls == [(min(1.0, budget / total), want_index)]
     assert applied["memory_budget_bytes"] == budget
+
+
+@settings(max_examples=30, deadline=None)
+@given(threads=st.integers(-3, 64), nice=st.integers(-2, 25), memory=st.integers(-5, 2**40))
+def test_training_limits_accept_exactly_the_documented_ranges(threads, nice, memory):
+    """``--training-threads`` 0..usable cores (a 999 was once accepted and ran the job ~100× slower), niceness
+    0..19, memory >= 0; anything else is refused at start-up naming the flag's field."""
+    from server.config import TrainingLimits, usable_cpus
+    from server.errors import InvalidArgument
+
+    ok = 0 <= threads <= usable_cpus() and 0 <= nice <= 19 and memory >= 0
+    try:
+        TrainingLimits(memory_bytes=memory, threads=threads, nice=nice)
+    except InvalidArgument as exc:
+        assert not ok and exc.field in ("training_threads", "training_nice", "training_memory_bytes")
+        if exc.field == "training_threads":
+            assert not 0 <= threads <= usable_cpus()
+    else:
+        assert ok
