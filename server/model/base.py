@@ -140,7 +140,8 @@ def load_base_model(cfg: ModelConfig):
                                  field="model") from exc
     model.eval()
     model.requires_grad_(False)
-    keep_plain_cpu_4bit_matmul(model)
+    if cfg.cpu_4bit_kernel == "exact":
+        keep_plain_cpu_4bit_matmul(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

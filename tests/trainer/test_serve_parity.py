@@ -107,3 +107,22 @@ def test_served_logits_equal_trainer_logits(tiny_model_dir, learnable_data, tmp_
     print(f"{device} {compute_dtype}: relative error when served wrongly: {wrong}")
     for name, err in wrong.items():
         assert err > 5 * tol, (name, err, tol)
+
+
+@pytest.mark.parametrize("kernel", ["exact", "fused"])
+def test_cpu_4bit_kernel_option_chooses_the_path(tiny_model_dir, kernel):
+    """``--cpu-4bit-kernel exact`` (the default, what the parity test above serves with) turns bitsandbytes' fused
+    AVX512-BF16 CPU kernel off on every 4-bit layer; ``fused`` leaves bitsandbytes' own choice for this CPU."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    from server.cli import build_parser, config_from_args
+    from server.model.base import load_base_model
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_model_dir), "--device", "cpu",
+                                      "--cpu-4bit-kernel", kernel])
+    cfg = config_from_args(args).model
+    assert cfg.cpu_4bit_kernel == kernel
+    model, _, _ = load_base_model(cfg)
+    flags = {m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert flags == ({False} if kernel == "exact" else {bool(has_avx512bf16())})
