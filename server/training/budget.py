@@ -14,11 +14,8 @@ AUTO_MEMORY_FRACTION = 0.5
 #: Resident memory of a CPU worker before any tensor of the job exists (bytes): the Python interpreter with torch,
 #: transformers, peft, bitsandbytes and accelerate imported and the Trainer built. Measured as the worker's
 #: peak RSS on a 2-layer, 64-wide, vocab-256 model, batch 2 × 32 tokens: 503 MiB (``bench/RESULTS.md``,
-#: "Training memory estimate") on an idle machine. The same job's peak RSS was 400-600 MiB higher when the worker
-#: ran late in the full test suite (tests/training/test_budget.py's measured-peak test, 2026-11-30: 1,300 and
-#: 1,524 MiB against 818-900 MiB alone; the allocator's arenas and huge pages depend on the machine's state), so
-#: the runtime is budgeted at 1 GiB.
-CPU_RUNTIME_BYTES = 1 << 30
+#: "Training memory estimate"; 507 MiB again from the worker's own ``VmHWM``), rounded up.
+CPU_RUNTIME_BYTES = 600 * 2**20
 #: On CUDA the budget caps the worker's caching allocator, which holds no runtime: the CUDA context lives outside.
 CUDA_RUNTIME_BYTES = 0
 #: Safety factor on activations and logits for allocator rounding, fragmentation and short-lived temporaries.

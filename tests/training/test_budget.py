@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,16 +99,27 @@ def _fields(config: TrainConfig) -> dict:
 
 
 def _run_worker(job_dir: Path, config: dict, budget: dict | None) -> tuple[int, int, list[dict]]:
-    """Run the real worker on ``config``; returns its exit status, its peak RSS (bytes, ``wait4``) and progress."""
+    """Run the real worker on ``config``; returns its exit status, its peak RSS (bytes) and progress.
+
+    The peak is the worker's own ``VmHWM`` (``/proc/PID/status``, what the manager's watchdog reads), polled until it
+    exits -- not ``wait4``'s ``ru_maxrss``: subprocess starts the child with vfork, and at exec Linux folds the
+    borrowed (parent's) memory's high-water mark into the child's ``maxrss``, so late in a test session that number
+    was pytest's own RSS (1.5 GB against the worker's ~0.85 GB)."""
+    from server.training.budget import read_rss
+
     job_dir.mkdir(parents=True)
     (job_dir / "job.json").write_text(json.dumps({"config": config, **({"budget": budget} if budget else {})}))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-m", "server.training.worker", str(job_dir)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(job_dir / "worker.log", "wb"))
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = 0
+    while proc.poll() is None:
+        rss = read_rss(proc.pid)
+        if rss is not None:
+            peak = max(peak, rss[1])
+        time.sleep(0.02)
     lines = (job_dir / "progress.jsonl").read_text().splitlines()
-    return proc.returncode, usage.ru_maxrss * 1024, [json.loads(line) for line in lines]
+    return proc.returncode, peak, [json.loads(line) for line in lines]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
