@@ -15,9 +15,12 @@ the RNG state (no dropout), because a graph cannot read the generator's state wh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class _LossModule(torch.nn.Module):
@@ -76,9 +79,6 @@ class StepGraphs:
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, max_graphs: int = 2) -> None:
-        import logging
-
-        self._log = logging.getLogger(__name__)
         self.model, self.loss_fn, self.max_graphs = model, loss_fn, max_graphs
         self.graphs: dict[tuple[int, ...], GraphedLoss] = {}
         self.seen: set[tuple[int, ...]] = set()
@@ -100,11 +100,11 @@ class StepGraphs:
                 return None
             try:
                 graph = self.graphs[shape] = GraphedLoss(self.model, self.loss_fn, ids)
-                self._log.info("training step captured as a CUDA graph for batches of shape %s", shape)
+                log.info("training step captured as a CUDA graph for batches of shape %s", shape)
             except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
                 self.disabled = f"{type(exc).__name__}: {exc}"
                 self.graphs.clear()
-                self._log.warning("CUDA graph capture failed, training eagerly: %s", self.disabled)
+                log.warning("CUDA graph capture failed, training eagerly: %s", self.disabled)
                 return None
         loss = graph(ids, labels)  # mean over this micro-batch's supervised tokens
         if num_items_in_batch is not None:
