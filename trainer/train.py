@@ -529,8 +529,12 @@ class TrainingSession:
         else:
             base, _, info = load_base_model(self.config.model_config())
         self.compute_dtype = f"{info.compute_dtype} ({info.compute_dtype_reason})"
-        prepare_for_qlora_training(base, self.config.gradient_checkpointing,
-                                   preserve_rng_state=self.config.lora_dropout > 0)
+        # The LoRA dropout that will run: init_adapter's own when starting from one (config.lora_dropout is then
+        # ignored). Without dropout, checkpointing has no RNG state to replay, and skipping it lets CUDA graphs
+        # capture the step; with dropout it must be replayed or the recomputed masks would differ.
+        dropout = (float(inspect_adapter(self.config.init_adapter).config.get("lora_dropout") or 0.0)
+                   if self.config.init_adapter is not None else self.config.lora_dropout)
+        prepare_for_qlora_training(base, self.config.gradient_checkpointing, preserve_rng_state=dropout > 0)
         # The base was loaded from a local path (for the embedded model, its converted copy in the cache); every
         # adapter we write -- checkpoints included, and PEFT's model card in them -- names the model the user asked
         # for instead (the hub id of the embedded model, or the user's own path / hub id).
