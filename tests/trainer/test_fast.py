@@ -143,3 +143,32 @@ def test_cpu_levers_keep_peft_float32_lora_and_say_why_not_liger():
     assert "CUDA" in fast.liger_unavailable_reason(torch.device("cpu"))
     assert fast.uses_rng(model)
     assert not fast.uses_rng(_peft(_tiny_llama(), r=2, alpha=4.0, rslora=False, dropout=0.0))
+
+
+@pytest.mark.parametrize(("init_dropout", "config_dropout"), [(None, 0.0), (None, 0.1), (0.1, 0.0), (0.0, 0.1)])
+def test_checkpointing_replays_the_rng_exactly_when_dropout_runs(tiny_model_dir, tmp_path, init_dropout,
+                                                                  config_dropout):
+    """Checkpointing skips saving the RNG state (so a CUDA graph can capture the step) only when no LoRA dropout
+    will run: the run's own lora_dropout, or, starting from init_adapter, that adapter's (config's is ignored)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tests.trainer.conftest import tiny_config, write_jsonl
+    from trainer.train import TrainingSession
+
+    init = None
+    if init_dropout is not None:
+        init = tmp_path / "init"
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=init_dropout,
+                                         target_modules=["q_proj"])).save_pretrained(init)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
+    session = TrainingSession(tiny_config(tiny_model_dir, data, tmp_path / "run", lora_dropout=config_dropout,
+                                          init_adapter=init))
+    session._load_tokenizer()
+    model = session._load_model()
+    dropout = init_dropout if init_dropout is not None else config_dropout
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert blocks and {b._gradient_checkpointing_func.keywords["preserve_rng_state"] for b in blocks} == {dropout > 0}
+    assert fast.uses_rng(model) == (dropout > 0)
