@@ -76,6 +76,10 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument("--metrics-port", type=int_in(-1, 65535), default=9400,
                    help="Prometheus exposition port; 0 picks a free one, -1 disables it (default 9400)")
+    p.add_argument("--http-port", type=int_in(0, 65535), default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+                   "/v1/chat/completions) on this port, plaintext; 0 picks a free one (default: off; not yet with "
+                   "--api-keys-file)")
     p.add_argument("--metrics-host", default=None,
                    help="address the metrics endpoint binds (default: --host); metrics stay plaintext HTTP")
     p.add_argument("--tls-cert", type=Path, default=None,
@@ -319,7 +323,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.training_share_base is not None:
         server_kw["training_share_base"] = args.training_share_base == "on"
     for name in ("state_dir", "grpc_workers", "max_upload_bytes", "max_generations", "max_streams",
-                 "max_message_bytes", "metrics_host", "tls_cert", "tls_key", "tls_client_ca"):
+                 "max_message_bytes", "metrics_host", "tls_cert", "tls_key", "tls_client_ca", "http_port"):
         if getattr(args, name) is not None:
             server_kw[name] = getattr(args, name)
     training = TrainingLimits(memory_bytes=args.training_memory_bytes, threads=args.training_threads,
@@ -447,7 +451,7 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
 
     log = logging.getLogger("qlora_server")
     metrics = Metrics(config.engine.top_adapter_labels)
-    httpd = grpc_server = app = None
+    httpd = grpc_server = app = http_sock = http_server = None
     restore_hup = None
     drain = new_drain()
     try:
@@ -460,6 +464,11 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
                                              keys=keys, limits=rpc_limits(config), credentials=server_credentials(config),
                                              max_message_bytes=config.max_message_bytes, drain=drain)
         httpd, metrics_note = _start_metrics_endpoint(config, metrics.registry)
+        if config.http_port is not None:
+            from server.http.server import bind_http_socket
+
+            http_sock = bind_http_socket(config.host, config.http_port)
+            metrics_note += f", OpenAI-compatible HTTP on :{http_sock.getsockname()[1]}"
         address = format_address(config.host, port)
         log_transport(config, address, log)
         log.info("bound %s (%s); loading base model %s", address, metrics_note, config.model.model)
@@ -469,6 +478,8 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
         add_services(grpc_server, app, health_servicer=health,
                      training_servicer=None if training is None else TrainingServicer(training, config.allowed_paths))
     except BaseException as exc:
+        if http_sock is not None:
+            http_sock.close()
         if restore_hup is not None:
             restore_hup()
         if grpc_server is not None:
@@ -486,12 +497,28 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
         if restore_hup is not None:
             restore_hup()
         log.info("stopped before serving")
+        if http_sock is not None:
+            http_sock.close()
         grpc_server.stop(None)
         app.close()
         _close_httpd(httpd)
         return 0
 
     grpc_server.start()
+    if http_sock is not None:
+        from server.http.server import HttpServer
+
+        try:
+            http_server = HttpServer(app, http_sock).start()
+        except BaseException as exc:
+            grpc_server.stop(None)
+            app.close()
+            _close_httpd(httpd)
+            http_sock.close()
+            if restore_hup is not None:
+                restore_hup()
+            return _startup_error(exc) if isinstance(exc, Exception) else 1
+        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", config.host, http_server.port)
     log.info("serving on %s (%s)", address, metrics_note)
     announce(f"qlora-server listening on {address} ({metrics_note})")
     try:
@@ -509,6 +536,8 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
         drain.start()
         drain.wait(grace_seconds)
         grpc_server.stop(max(0.0, grace_seconds - (time.monotonic() - began))).wait()
+        if http_server is not None:
+            http_server.stop()
         app.close()
         _close_httpd(httpd)
         if restore_hup is not None:

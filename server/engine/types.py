@@ -140,3 +140,38 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+
+
+#: Longest accepted client-chosen request id (characters).
+MAX_REQUEST_ID_LENGTH = 256
+
+
+def build_sampling_params(fields: dict, max_new_tokens_limit: int, **stop_limits) -> SamplingParams:
+    """:class:`SamplingParams` from the ``fields`` a client set (absent = the default; an absent
+    ``max_new_tokens`` is 256 or ``max_new_tokens_limit`` when lower), validated: raises :class:`InvalidArgument`
+    naming the first bad field. ``stop_limits`` go to :meth:`SamplingParams.validate`. Shared by the gRPC and
+    HTTP layers."""
+    kwargs = {"max_new_tokens": min(SamplingParams.max_new_tokens, max_new_tokens_limit), **fields}
+    params = SamplingParams(**kwargs)
+    params.validate(max_new_tokens_limit, **stop_limits)
+    return params
+
+
+def build_generation_request(*, request_id: str, adapter_id: str, prompt: str | None,
+                             messages: tuple[ChatMessage, ...], params: SamplingParams,
+                             deadline: float | None = None) -> GenerationRequest:
+    """A validated :class:`GenerationRequest`. Raises :class:`InvalidArgument`: ``prompt`` when both or neither
+    of ``prompt`` and ``messages`` are set, ``messages[i].role`` for an empty role, ``request_id`` when too
+    long."""
+    has_prompt, has_messages = bool(prompt), len(messages) > 0
+    if has_prompt and has_messages:
+        raise InvalidArgument("set exactly one of prompt and messages, not both", field="prompt")
+    if not has_prompt and not has_messages:
+        raise InvalidArgument("one of prompt and messages is required", field="prompt")
+    for i, m in enumerate(messages):
+        if not m.role.strip():
+            raise InvalidArgument("must be non-empty (e.g. 'user')", field=f"messages[{i}].role")
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument(f"at most {MAX_REQUEST_ID_LENGTH} characters", field="request_id")
+    return GenerationRequest(request_id=request_id, adapter_id=adapter_id, prompt=prompt if has_prompt else None,
+                             messages=messages, params=params, deadline=deadline)

@@ -13,17 +13,18 @@ from server.engine.types import (
     ChatMessage,
     GenerationEvent,
     GenerationRequest,
+    MAX_REQUEST_ID_LENGTH,  # noqa: F401 (re-exported)
     GenerationResult,
     SamplingParams,
     Timings,
+    build_generation_request,
+    build_sampling_params,
 )
 from server.errors import InvalidArgument
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 
 #: The only file names an ``UploadAdapter`` chunk may carry (a PEFT LoRA adapter directory).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-#: Longest accepted client-chosen request id (characters).
-MAX_REQUEST_ID_LENGTH = 256
 
 _FINISH_TO_PROTO = {
     FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
@@ -46,26 +47,17 @@ def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: in
     field (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``).
     ``stop_limits`` (``max_stop_strings``, ``max_stop_chars``) go to :meth:`SamplingParams.validate`.
     """
-    kwargs: dict = {"temperature": msg.temperature, "top_k": msg.top_k, "stop": tuple(msg.stop),
-                    "ignore_eos": msg.ignore_eos,
-                    "max_new_tokens": min(SamplingParams.max_new_tokens, max_new_tokens_limit)}
+    fields: dict = {"temperature": msg.temperature, "top_k": msg.top_k, "stop": tuple(msg.stop),
+                    "ignore_eos": msg.ignore_eos}
     for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
         if msg.HasField(name):
-            kwargs[name] = getattr(msg, name)
-    params = SamplingParams(**kwargs)
-    params.validate(max_new_tokens_limit, **stop_limits)
-    return params
+            fields[name] = getattr(msg, name)
+    return build_sampling_params(fields, max_new_tokens_limit, **stop_limits)
 
 
 def chat_messages_from_proto(messages) -> tuple[ChatMessage, ...]:
-    """Convert repeated ``ChatMessage``; raises :class:`InvalidArgument` (field ``messages[i].role``) for an empty
-    role."""
-    out = []
-    for i, m in enumerate(messages):
-        if not m.role.strip():
-            raise InvalidArgument("must be non-empty (e.g. 'user')", field=f"messages[{i}].role")
-        out.append(ChatMessage(role=m.role, content=m.content))
-    return tuple(out)
+    """Convert repeated ``ChatMessage`` (roles are checked by :func:`build_generation_request`)."""
+    return tuple(ChatMessage(role=m.role, content=m.content) for m in messages)
 
 
 def generation_request_from_proto(msg: pb.GenerateRequest, *, default_request_id: str, max_new_tokens_limit: int,
@@ -82,21 +74,10 @@ def generation_request_from_proto(msg: pb.GenerateRequest, *, default_request_id
         InvalidArgument: naming the proto field: ``prompt`` when both or neither of ``prompt`` and ``messages``
             are set, ``messages[i].role``, ``request_id`` (too long), or a sampling field.
     """
-    has_prompt, has_messages = bool(msg.prompt), len(msg.messages) > 0
-    if has_prompt and has_messages:
-        raise InvalidArgument("set exactly one of prompt and messages, not both", field="prompt")
-    if not has_prompt and not has_messages:
-        raise InvalidArgument("one of prompt and messages is required", field="prompt")
-    if len(msg.request_id) > MAX_REQUEST_ID_LENGTH:
-        raise InvalidArgument(f"at most {MAX_REQUEST_ID_LENGTH} characters", field="request_id")
-    return GenerationRequest(
-        request_id=msg.request_id or default_request_id,
-        adapter_id=msg.adapter_id,
-        prompt=msg.prompt if has_prompt else None,
+    return build_generation_request(
+        request_id=msg.request_id or default_request_id, adapter_id=msg.adapter_id, prompt=msg.prompt or None,
         messages=chat_messages_from_proto(msg.messages),
-        params=sampling_params_from_proto(msg, max_new_tokens_limit, **stop_limits),
-        deadline=deadline,
-    )
+        params=sampling_params_from_proto(msg, max_new_tokens_limit, **stop_limits), deadline=deadline)
 
 
 def finish_reason_to_proto(reason: str | None) -> int:

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API (FastAPI + uvicorn) beside gRPC: JSON ↔ the same plain engine requests."""

@@ -1,0 +1,164 @@
+"""OpenAI JSON bodies ↔ the plain engine types (no FastAPI here): request validation and response shapes."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+from server.engine.types import (
+    FINISH_LENGTH,
+    ChatMessage,
+    GenerationRequest,
+    build_generation_request,
+    build_sampling_params,
+)
+from server.errors import InvalidArgument
+
+#: Request fields this server does not implement yet: a request that sets one gets 400 naming it.
+UNSUPPORTED = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "functions", "function_call",
+               "echo", "best_of", "suffix", "logit_bias", "parallel_tool_calls", "audio", "modalities",
+               "prediction")
+#: Accepted only at their neutral value.
+_NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _get(body: dict, name: str, kind: str):
+    """``body[name]`` checked to be of ``kind`` (``int`` / ``number`` / ``bool`` / ``str``); None when absent or
+    null."""
+    v = body.get(name)
+    if v is None:
+        return None
+    ok = {"int": isinstance(v, int) and not isinstance(v, bool), "number": _is_number(v),
+          "bool": isinstance(v, bool), "str": isinstance(v, str)}[kind]
+    if not ok or (kind == "number" and not math.isfinite(v)):
+        raise InvalidArgument(f"must be {'a' if kind != 'int' else 'an'} {kind}, got {v!r}", field=name)
+    return v
+
+
+def _check_unsupported(body: dict) -> None:
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, False):
+            raise InvalidArgument("is not supported by this server yet", field=name)
+    for name, neutral in _NEUTRAL.items():
+        if body.get(name) is not None and body.get(name) != neutral:
+            raise InvalidArgument(f"only {neutral} is supported by this server yet", field=name)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise InvalidArgument("must be a string or a list of strings", field="stop")
+
+
+def _messages(body: dict) -> tuple[ChatMessage, ...]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument("must be a non-empty list of {role, content} objects", field="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidArgument("must be an object with a string role", field=f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise InvalidArgument("only text content parts are supported", field=f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise InvalidArgument("must be a string or a list of text parts", field=f"messages[{i}].content")
+        out.append(ChatMessage(role=m["role"], content=content))
+    return tuple(out)
+
+
+def _prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidArgument("must be a non-empty string (one prompt per request)", field="prompt")
+    return prompt
+
+
+def is_stream(body: dict) -> bool:
+    return bool(_get(body, "stream", "bool"))
+
+
+def generation_request(body: dict, *, chat: bool, adapter_id: str, max_new_tokens_limit: int,
+                       **stop_limits) -> GenerationRequest:
+    """The engine request of a ``/v1/completions`` (``chat`` False) or ``/v1/chat/completions`` body; ``model``
+    is already resolved to ``adapter_id`` ("" = base). Raises :class:`InvalidArgument` naming the OpenAI
+    parameter (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``prompt``, ``messages``, or an
+    unsupported one)."""
+    _check_unsupported(body)
+    is_stream(body)
+    fields: dict = {"stop": _stop(body)}
+    max_tokens = _get(body, "max_tokens", "int")
+    if chat and max_tokens is None:
+        max_tokens = _get(body, "max_completion_tokens", "int")
+    for name, kind, value in (("temperature", "number", None), ("top_p", "number", None), ("seed", "int", None)):
+        value = _get(body, name, kind)
+        if value is not None:
+            fields[name] = float(value) if kind == "number" else value
+    if max_tokens is not None:
+        fields["max_new_tokens"] = max_tokens
+    try:
+        params = build_sampling_params(fields, max_new_tokens_limit, **stop_limits)
+    except InvalidArgument as exc:
+        if exc.field == "max_new_tokens":  # name the OpenAI parameter
+            raise InvalidArgument(str(exc).partition(": ")[2], field="max_tokens") from None
+        raise
+    return build_generation_request(
+        request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", adapter_id=adapter_id,
+        prompt=None if chat else _prompt(body), messages=_messages(body) if chat else (), params=params)
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """Engine finish reason → OpenAI's: ``length`` stays, ``stop`` and ``eos`` are ``stop``."""
+    if reason is None:
+        return None
+    return "length" if reason == FINISH_LENGTH else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(*, chat: bool, request_id: str, model: str, text: str, reason: str | None,
+                    prompt_tokens: int, completion_tokens: int) -> dict:
+    """A whole ``text_completion`` / ``chat.completion`` object."""
+    choice: dict = {"index": 0, "finish_reason": finish_reason(reason)}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice.update(text=text, logprobs=None)
+    return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk_body(*, chat: bool, request_id: str, model: str, text: str, reason: str | None = None,
+               first: bool = False, usage_: dict | None = None) -> dict:
+    """One streamed chunk (``chat.completion.chunk`` or ``text_completion``)."""
+    choice: dict = {"index": 0, "finish_reason": finish_reason(reason)}
+    if chat:
+        choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+    else:
+        choice.update(text=text, logprobs=None)
+    body = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice]}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body

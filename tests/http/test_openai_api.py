@@ -1,0 +1,118 @@
+"""The OpenAI-compatible API through the official openai client, over the fake App (echo engine)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import openai
+import pytest
+from rpc_fakes import PROMPT_EXHAUST
+
+from server.cli import build_parser, config_from_args
+from server.config import ServerConfig
+from server.errors import InvalidArgument
+
+
+def test_models_lists_the_base_and_every_adapter(client):
+    assert [m.id for m in client.models.list()] == ["fake/base", "alpha"]
+
+
+def test_completion_reaches_the_engine_with_the_sampling_fields(client, app):
+    out = client.completions.create(model="alpha", prompt="hello there world", max_tokens=7, temperature=0.5,
+                                    top_p=0.9, seed=11, stop=["zz"])
+    assert out.choices[0].text == "hello there world" and out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens == 3 and out.model == "alpha"
+    req = app.engine.submitted[-1]
+    assert req.adapter_id == "alpha" and req.prompt == "hello there world"
+    p = req.params
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.seed, p.stop) == (7, 0.5, 0.9, 11, ("zz",))
+    client.completions.create(model="fake/base", prompt="hi", stop="x")
+    assert app.engine.submitted[-1].adapter_id == "" and app.engine.submitted[-1].params.stop == ("x",)
+
+
+def test_chat_completion_passes_messages_to_the_engine(client, app):
+    out = client.chat.completions.create(model="fake/base", messages=[{"role": "system", "content": "be brief"},
+                                                                      {"role": "user", "content": "hi"}])
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == "system: be brief user: hi"
+    assert [(m.role, m.content) for m in app.engine.submitted[-1].messages] == [("system", "be brief"),
+                                                                                ("user", "hi")]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_stream_chunks_concatenate_to_the_unary_text(client, chat):
+    if chat:
+        kw = {"model": "alpha", "messages": [{"role": "user", "content": "one two three"}], "seed": 1}
+        whole = client.chat.completions.create(**kw).choices[0].message.content
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    else:
+        kw = {"model": "alpha", "prompt": "one two three", "seed": 1}
+        whole = client.completions.create(**kw).choices[0].text
+        chunks = list(client.completions.create(stream=True, **kw))
+        text = "".join(c.choices[0].text for c in chunks)
+    assert len(chunks) > 1 and text == whole
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens >= 3
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_sse_wire_format_ends_with_done(client):
+    req = urllib.request.Request(f"{client.base_url}completions", method="POST",
+                                 data=json.dumps({"model": "alpha", "prompt": "a b", "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in resp.read().decode().split("\n") if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="nope", prompt="hi")
+    assert info.value.code == "model_not_found" and info.value.param == "model"
+
+
+@pytest.mark.parametrize("param, kw", [
+    ("logprobs", {"logprobs": True}),
+    ("response_format", {"response_format": {"type": "json_object"}}),
+    ("n", {"n": 2}),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+])
+def test_unsupported_params_are_bad_requests_naming_them(client, param, kw):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], **kw)
+    assert info.value.param == param and param in info.value.message
+    assert info.value.body["type"] == "invalid_request_error"
+
+
+def test_invalid_values_name_the_openai_param(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="hi", max_tokens=65)  # the fake's cap is 64
+    assert info.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="hi", top_p=1.5)
+    assert info.value.param == "top_p"
+
+
+def test_engine_errors_map_to_statuses(client):
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model="alpha", prompt=PROMPT_EXHAUST)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model="alpha", prompt="crash")
+    assert "secret" not in str(info.value)
+
+
+def test_http_port_flag_is_validated():
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["serve"])).http_port is None
+    assert config_from_args(parser.parse_args(["serve", "--http-port", "8000"])).http_port == 8000
+    for bad in ("-1", "65536", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--http-port", bad])
+    with pytest.raises(InvalidArgument) as info:
+        ServerConfig(http_port=70000)
+    assert info.value.field == "http_port"
+    with pytest.raises(InvalidArgument, match="api-keys-file") as info:
+        ServerConfig(http_port=8000, api_keys_file="keys.yaml")
+    assert info.value.field == "http_port"
