@@ -206,7 +206,8 @@ class ServerConfig:
             is impossible jobs load their own with a logged reason.
         training: memory, thread and priority budgets of training jobs.
         http_port: port of the OpenAI-compatible HTTP API (``server.http``, plaintext, bound on ``host``); 0 picks
-            a free one; None = off. Not yet combined with ``api_keys_file`` (refused).
+            a free one; None = off. Not yet combined with ``api_keys_file`` or ``tls_cert`` (refused: it has neither
+            key checks nor TLS).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -238,6 +239,9 @@ class ServerConfig:
         _require(self.http_port is None or 0 <= self.http_port <= 65535, "http_port", "must be 0..65535")
         _require(self.http_port is None or self.api_keys_file is None, "http_port",
                  "the HTTP API does not check API keys yet: --http-port cannot be combined with --api-keys-file")
+        _require(self.http_port is None or self.tls_cert is None, "http_port",
+                 "the HTTP API has no TLS yet: --http-port cannot be combined with --tls-cert (it would open a "
+                 "plaintext port beside the encrypted one)")
         _require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1..65535")
         _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
         _require(self.grpc_workers >= 0, "grpc_workers", "must be >= 0 (0 = enough for every queued request)")
