@@ -344,7 +344,7 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams],
 @dataclass(frozen=True)
 class RowLogprobs:
     """One row's log-probabilities at one step (float32 values, natural log): the chosen token's, and the ``k``
-    most likely tokens as ``(token_id, logprob)``, most likely first (ties in the order ``torch.topk`` gives)."""
+    most likely tokens as ``(token_id, logprob)``, most likely first (ties: the lower id first)."""
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
@@ -425,7 +425,9 @@ def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams
             rows = _to_device(asks, torch.int64, logits.device)
             lp = logprob_scores(logits, st, rows)
             chosen = lp.gather(1, tokens[rows][:, None])
-            top_values, top_ids = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], rows.new_zeros(len(asks), 0))
+            # a stable descending sort: ties come lowest id first, whatever k the batch's other rows asked for
+            top_values, top_ids = torch.sort(lp, dim=-1, descending=True, stable=True)
+            top_values, top_ids = top_values[:, :k_max], top_ids[:, :k_max]
             # float64 holds every int64 token id / status below 2**53 exactly: one flat tensor, one transfer
             packed = torch.cat([tokens.to(torch.float64), status.to(torch.float64),
                                 chosen.to(torch.float64).reshape(-1), top_values.to(torch.float64).reshape(-1),
