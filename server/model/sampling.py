@@ -25,8 +25,7 @@ unaffected. Per row, everything above is elementwise or a reduction along that r
 Entry points: :func:`request_seed` (once per request, at submit), :func:`select_tokens` (one call per step, one
 host sync; :func:`select_tokens_logprobs` also returns log-probabilities, see :func:`logprob_scores`, for the rows
 that ask, in the same sync), and for a model runner that keeps its own device buffers :func:`sampling_tensors` +
-:func:`sample`
-(no sync). :func:`probabilities` returns the exact per-row distribution that :func:`sample` draws from.
+:func:`sample` (no sync). :func:`probabilities` returns the exact per-row distribution that :func:`sample` draws from.
 """
 
 from __future__ import annotations
