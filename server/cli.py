@@ -35,6 +35,7 @@ from server.config import (
     ServerConfig,
     TrainingLimits,
 )
+from server.engine.types import MAX_TOP_LOGPROBS
 from server.errors import ServerError
 from server.rpc.tls import add_client_tls_options, client_tls_from_args
 from server.training.commands import add_jobs_command, add_train_command
@@ -192,6 +193,11 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep generating past EOS until --max-new-tokens or a stop string (for benchmarks)")
+    p.add_argument("--logprobs", action="store_true",
+                   help="print each generated token's log-probability to stderr, one JSON line per token")
+    p.add_argument("--top-logprobs", type=int_in(0, MAX_TOP_LOGPROBS), default=0, metavar="K",
+                   help=f"also print the K most likely tokens per position (0..{MAX_TOP_LOGPROBS}; implies "
+                        "--logprobs; default 0)")
     p.add_argument("--request-id", default="", help="request id (default: the server makes one)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(func=_cmd_generate)
@@ -631,20 +637,32 @@ def generation_request_from_args(args: argparse.Namespace):
         messages = ((ChatMessage("system", args.system),) if args.system else ()) + (ChatMessage("user", args.chat),)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                            stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+                            top_logprobs=args.top_logprobs)
     return GenerationRequest(request_id=args.request_id, adapter_id=args.adapter, prompt=args.prompt,
                              messages=messages, params=params)
+
+
+def _print_logprobs(logprobs) -> None:
+    """One JSON line per token on stderr: ``{"token_id", "token", "logprob", "top_logprobs": [...]}``."""
+    for lp in logprobs:
+        print(json.dumps({"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob,
+                          "top_logprobs": [dataclasses.asdict(t) for t in lp.top_logprobs]}),
+              file=sys.stderr, flush=True)
 
 
 @_client_command
 def _cmd_generate(client, args: argparse.Namespace) -> None:
     request = generation_request_from_args(args)
     if not args.stream:
-        print(client.generate(request).text, flush=True)
+        result = client.generate(request)
+        print(result.text, flush=True)
+        _print_logprobs(result.logprobs)
         return
     for event in client.generate_stream(request):
         sys.stdout.write(event.text)
         sys.stdout.flush()
+        _print_logprobs(event.logprobs)
     sys.stdout.write("\n")
     sys.stdout.flush()
 

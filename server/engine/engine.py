@@ -40,6 +40,8 @@ from server.engine.types import (
     GenerationRequest,
     GenerationResult,
     Timings,
+    TokenLogprob,
+    TopLogprob,
 )
 from server.errors import (
     Cancelled,
@@ -52,7 +54,7 @@ from server.errors import (
 from server.logs import RequestLog
 from server.metrics import Metrics
 from server.model.runner import ModelRunner, StepRow
-from server.model.sampling import NonFiniteLogits, request_seed, select_tokens
+from server.model.sampling import NonFiniteLogits, RowLogprobs, request_seed, select_tokens_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,14 @@ class RequestStream:
 
     def result(self) -> GenerationResult:
         """Block until the request finishes and return the whole answer (raises the request's error)."""
-        text, ids, last = [], [], None
+        text, ids, logprobs, last = [], [], [], None
         for event in self:
             text.append(event.text)
             ids.extend(event.token_ids)
+            logprobs.extend(event.logprobs)
             last = event
         return GenerationResult(self.request_id, "".join(text), tuple(ids), last.finish_reason,
-                                last.prompt_tokens, last.completion_tokens, last.timings)
+                                last.prompt_tokens, last.completion_tokens, last.timings, tuple(logprobs))
 
 
 @dataclass
@@ -106,6 +109,7 @@ class _Sequence:
     seed: int
     output: OutputProcessor
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when the request asks
     slot: int = -1
     blocks: list[int] = field(default_factory=list)  # KV blocks reserved for the whole request
     computed: int = 0  # prompt tokens already in the KV cache (chunked prefill)
@@ -443,7 +447,7 @@ class Engine:
         try:
             logits = self.runner.prefill(rows)
             ready = [s for s, done in zip(batch, complete) if done]
-            tokens = self._sample(logits[[i for i, done in enumerate(complete) if done]], ready) if ready else []
+            tokens = self._sample(logits[[i for i, done in enumerate(complete) if done]], ready) if ready else ([], [])
         except Exception as exc:  # noqa: BLE001 - ends the requests this step touched, not the running batch
             log.exception("prefill failed")
             error = ServerError(f"prefill failed: {type(exc).__name__}: {exc}")
@@ -487,27 +491,39 @@ class Engine:
         bucket is chosen by) the context so far, not by everything reserved for the request."""
         return tuple(seq.blocks[:blocks_needed(tokens, self.block_size)])
 
-    def _sample(self, logits, seqs: list[_Sequence]) -> list[int | ServerError]:
-        """One token (or the row's error) per sequence: batched on the logits' device, one host sync."""
+    def _sample(self, logits, seqs: list[_Sequence]) -> tuple[list[int | ServerError], list[RowLogprobs | None]]:
+        """One token (or the row's error) per sequence, and its log-probabilities for the rows that ask: batched on
+        the logits' device, one host sync."""
         params = [s.request.params for s in seqs]
         seen = [s.prompt_ids + s.generated if s.request.params.repetition_penalty != 1.0 else [] for s in seqs]
-        return select_tokens(logits, params, seen, [s.seed for s in seqs], [len(s.generated) for s in seqs])
+        asks = [p.top_logprobs if p.wants_logprobs else -1 for p in params]
+        return select_tokens_logprobs(logits, params, seen, [s.seed for s in seqs], [len(s.generated) for s in seqs],
+                                      asks if any(k >= 0 for k in asks) else None)
 
-    def _accept_all(self, seqs: list[_Sequence], tokens: list[int | ServerError]) -> None:
+    def _token_logprob(self, token: int, row: RowLogprobs) -> TokenLogprob:
+        """A sampled row's log-probabilities with each token's text (``decode([id])``, special tokens shown)."""
+        def text(tid: int) -> str:
+            return self.tokenizer.decode([tid], skip_special_tokens=False)
+        return TokenLogprob(token, text(token), row.logprob,
+                            tuple(TopLogprob(tid, text(tid), lp) for tid, lp in row.top))
+
+    def _accept_all(self, seqs: list[_Sequence],
+                    sampled: tuple[list[int | ServerError], list[RowLogprobs | None]]) -> None:
         """Accept each row's token; a row whose sampling or text handling failed ends alone."""
-        for seq, token in zip(seqs, tokens):
+        tokens, row_lps = sampled
+        for seq, token, row_lp in zip(seqs, tokens, row_lps):
             if isinstance(token, ServerError):
                 log.error("request %s: %s", seq.stream.request_id, token)
                 seq.scrub = isinstance(token, NonFiniteLogits)
                 self._end(seq, error=token)
                 continue
             try:
-                self._accept(seq, token)
+                self._accept(seq, token, row_lp)
             except Exception as exc:  # noqa: BLE001 - ends this row only
                 log.exception("request %s: handling its token failed", seq.stream.request_id)
                 self._end(seq, error=ServerError(f"output processing failed: {type(exc).__name__}: {exc}"))
 
-    def _accept(self, seq: _Sequence, token: int) -> None:
+    def _accept(self, seq: _Sequence, token: int, row_lp: RowLogprobs | None = None) -> None:
         """Record ``token`` for ``seq``, stream new text, and end the row on EOS / stop (string or token id) /
         length."""
         now = time.monotonic()
@@ -524,6 +540,8 @@ class Engine:
             self._end(seq, reason=FINISH_EOS)
             return
         seq.generated.append(token)
+        if row_lp is not None:
+            seq.logprobs.append(self._token_logprob(token, row_lp))
         self.metrics.generated_tokens.labels(seq.label).inc()
         text, stopped = seq.output.push(token)
         self._emit(seq, text)
@@ -538,7 +556,8 @@ class Engine:
         """Stream ``text`` (if any) with the token ids generated since the previous event."""
         if text:
             seq.stream._events.put(GenerationEvent(seq.stream.request_id, text=text,
-                                                   token_ids=tuple(seq.generated[seq.emitted_tokens:])))
+                                                   token_ids=tuple(seq.generated[seq.emitted_tokens:]),
+                                                   logprobs=tuple(seq.logprobs[seq.emitted_tokens:])))
             seq.emitted_tokens = len(seq.generated)
 
     def _end(self, seq: _Sequence, reason: str | None = None, error: ServerError | None = None) -> None:
@@ -585,6 +604,7 @@ class Engine:
                           total_seconds=now - seq.arrival, tpot_seconds=tpot)
         return GenerationEvent(seq.stream.request_id, finished=True, finish_reason=reason,
                                token_ids=tuple(seq.generated[seq.emitted_tokens:]),
+                               logprobs=tuple(seq.logprobs[seq.emitted_tokens:]),
                                prompt_tokens=len(seq.prompt_ids), completion_tokens=n, timings=timings)
 
     def _record_end(self, seq: _Sequence, reason: str | None, error: ServerError | None, now: float,

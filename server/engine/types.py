@@ -12,6 +12,8 @@ FINISH_STOP = "stop"
 FINISH_EOS = "eos"
 #: Largest accepted ``seed`` (the proto field is a uint64; the sampler's counter-based draws use all 64 bits).
 SEED_MAX = 2**64 - 1
+#: Largest accepted ``top_logprobs`` (alternatives reported per generated token).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class SamplingParams:
         stop: strings that end generation when they appear in the output (they are not returned).
         ignore_eos: generate until ``max_new_tokens`` (or a stop string / the context limit) even when the model
             emits EOS, which then is an ordinary output token; for benchmarks that need fixed-length outputs.
+        logprobs: return each generated token's log-probability (see ``server.model.sampling``: the
+            log-softmax of the penalized, temperature-scaled scores, before top-k / top-p truncation).
+        top_logprobs: also return the k most likely tokens of that distribution per generated token
+            (0 .. :data:`MAX_TOP_LOGPROBS`); k > 0 implies ``logprobs``.
     """
 
     max_new_tokens: int = 256
@@ -44,6 +50,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether this request's tokens carry log-probabilities (``logprobs`` or ``top_logprobs > 0``)."""
+        return bool(self.logprobs) or self.top_logprobs > 0
 
     def validate(self, max_new_tokens_limit: int, max_stop_strings: int = 16, max_stop_chars: int = 256) -> None:
         """Raise :class:`InvalidArgument` naming the first bad field (the stop limits are
@@ -62,6 +75,8 @@ class SamplingParams:
                                   field="repetition_penalty")
         if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
             raise InvalidArgument(f"must be in 0..{SEED_MAX}, got {self.seed}", field="seed")
+        if not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidArgument(f"must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}", field="top_logprobs")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop strings must be non-empty", field="stop")
         if len(self.stop) > max_stop_strings:
@@ -110,12 +125,33 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a generated position: id, its text (``decode([id])``) and log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and (when ``top_logprobs`` > 0) the k most likely tokens there, most
+    likely first. Log-probabilities are float32 values (natural log)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationEvent:
     """One streamed piece of a request's output.
 
     ``text`` is the new text since the previous event (stop strings removed); the last event has ``finished``
     set with ``finish_reason`` (``length`` / ``stop`` / ``eos``), token counts and timings, or ``error`` set
-    when the request failed (deadline, cancellation, adapter unregistered, internal error).
+    when the request failed (deadline, cancellation, adapter unregistered, internal error). ``logprobs`` has one
+    entry per token of ``token_ids`` when the request asked for log-probabilities (else it is empty).
     """
 
     request_id: str
@@ -127,6 +163,7 @@ class GenerationEvent:
     completion_tokens: int = 0
     timings: Timings | None = None
     error: Exception | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +177,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 #: Longest accepted client-chosen request id (characters).

@@ -23,8 +23,9 @@ parameters, seed, step or seen ids are out of range fails alone with a :class:`S
 unaffected. Per row, everything above is elementwise or a reduction along that row, so rows never mix.
 
 Entry points: :func:`request_seed` (once per request, at submit), :func:`select_tokens` (one call per step, one
-host sync), and for a model runner that keeps its own device buffers :func:`sampling_tensors` + :func:`sample`
-(no sync). :func:`probabilities` returns the exact per-row distribution that :func:`sample` draws from.
+host sync; :func:`select_tokens_logprobs` also returns log-probabilities, see :func:`logprob_scores`, for the rows
+that ask, in the same sync), and for a model runner that keeps its own device buffers :func:`sampling_tensors` +
+:func:`sample` (no sync). :func:`probabilities` returns the exact per-row distribution that :func:`sample` draws from.
 """
 
 from __future__ import annotations
@@ -226,10 +227,9 @@ def _valid_rows(scores: torch.Tensor) -> torch.Tensor:
     return (~(torch.isnan(scores) | torch.isposinf(scores))).all(dim=-1) & torch.isfinite(scores).any(dim=-1)
 
 
-def _filtered(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shared pipeline. Returns ``(greedy_token [B] int64, scores [B, V] float64, status [B] int64)``:
-    ``scores`` are the sampled rows' filtered, temperature-scaled scores (max exactly 0, removed tokens -inf);
-    greedy rows' entries are meaningless. Invalid rows are computed on zeros (a status marks them)."""
+def _penalized(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores [B, V] float64, status [B] int64)``: the logits with the repetition penalty applied (invalid rows
+    replaced by zeros; a status marks them)."""
     x = logits.to(torch.float64)
     b, v = x.shape
     valid = _valid_rows(x)
@@ -246,6 +246,15 @@ def _filtered(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, 
         new = torch.where(got < 0, got * pen, got / pen)  # CTRL (Keskar et al. 2019), as transformers'
         new = torch.where(torch.isinf(got), got, new.clamp(-_FLOAT64_MAX, _FLOAT64_MAX))
         x = ext.scatter(1, ids, new)[:, :v]  # duplicate ids write the same value
+    return x, status
+
+
+def _filtered(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared pipeline. Returns ``(greedy_token [B] int64, scores [B, V] float64, status [B] int64)``:
+    ``scores`` are the sampled rows' filtered, temperature-scaled scores (max exactly 0, removed tokens -inf);
+    greedy rows' entries are meaningless. Invalid rows are computed on zeros (a status marks them)."""
+    x, status = _penalized(logits, st)
+    v = x.shape[1]
     greedy_token = x.argmax(dim=-1)
     if not st.any_sampled:
         return greedy_token, x, status
@@ -332,6 +341,34 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams],
     return torch.where((status == OK)[:, None], probs, math.nan)
 
 
+@dataclass(frozen=True)
+class RowLogprobs:
+    """One row's log-probabilities at one step (float32 values, natural log): the chosen token's, and the ``k``
+    most likely tokens as ``(token_id, logprob)``, most likely first (ties: the lower id first)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprob_scores(logits: torch.Tensor, st: SamplingTensors, rows: torch.Tensor) -> torch.Tensor:
+    """``[len(rows), V]`` float32 log-probabilities of the distribution reported to clients for ``rows``.
+
+    That is ``log_softmax(penalized / T)``: the logits after the repetition penalty and the temperature (greedy
+    rows, T = 0, use T = 1, i.e. the log-softmax of the penalized logits, the raw logits' without a penalty),
+    *before* top-k / top-p truncation — as OpenAI's API, the log-probabilities of the model's distribution as the
+    sampling parameters shaped it, so a token top-k / top-p removed still has a finite value. Computed in float64
+    (the maximum subtracted first, as :func:`sample` does, so a tiny temperature cannot overflow) and rounded to
+    float32. Only the given rows are computed.
+    """
+    sub = SamplingTensors(temperature=st.temperature[rows], top_k=st.top_k[rows], top_p=st.top_p[rows],
+                          penalty=st.penalty[rows], seeds=st.seeds[rows], steps=st.steps[rows],
+                          seen=None if st.seen is None else st.seen[rows], any_sampled=st.any_sampled,
+                          any_filter=st.any_filter)
+    x, _ = _penalized(logits[rows], sub)
+    temperature = torch.where(sub.temperature > 0, sub.temperature, 1.0)[:, None]
+    return torch.log_softmax((x - x.amax(dim=-1, keepdim=True)) / temperature, dim=-1).to(torch.float32)
+
+
 def select_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   seen: Sequence[Sequence[int]] | torch.Tensor | None, seeds: Sequence[int],
                   steps: Sequence[int]) -> list[int | ServerError]:
@@ -352,8 +389,29 @@ def select_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
         seen ids are out of range. Never raises: if the batched computation itself fails, every row gets a
         ``ServerError`` naming the failure.
     """
+    return select_tokens_logprobs(logits, params, seen, seeds, steps)[0]
+
+
+def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams],
+                           seen: Sequence[Sequence[int]] | torch.Tensor | None, seeds: Sequence[int],
+                           steps: Sequence[int], logprobs: Sequence[int] | None = None,
+                           ) -> tuple[list[int | ServerError], list[RowLogprobs | None]]:
+    """:func:`select_tokens`, plus log-probabilities for the rows that ask, still with exactly one host sync.
+
+    Args:
+        logprobs: per row, -1 = none, ``k >= 0`` = the chosen token's log-probability and the top ``k``
+            (:func:`logprob_scores`); None = no row asks. Only asking rows are computed; the tokens of every row
+            are exactly :func:`select_tokens`' (a row's choice never depends on whether any row asks).
+
+    Returns:
+        ``(tokens, row_logprobs)``: ``tokens`` as :func:`select_tokens`; ``row_logprobs[b]`` a
+        :class:`RowLogprobs` for an asking row that got a token, else None.
+    """
     b = len(params)
+    asks = [] if logprobs is None else [i for i, k in enumerate(logprobs) if k is not None and k >= 0]
     try:
+        if logprobs is not None and len(logprobs) != b:
+            raise ValueError(f"{b} params but {len(logprobs)} logprobs entries")
         st, errors = sampling_tensors(params, seen, seeds, steps, logits.device)
         if logits.dim() != 2 or logits.shape[0] != b:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {b} rows")
@@ -361,10 +419,31 @@ def select_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
             tokens, status = logits.argmax(dim=-1), torch.where(_valid_rows(logits), OK, NON_FINITE)
         else:
             tokens, status = sample(logits, st)
-        token_list, status_list = torch.stack([tokens, status]).tolist()  # the one host sync
+        k_max = 0
+        if asks:
+            k_max = min(max(logprobs[i] for i in asks), logits.shape[1])
+            rows = _to_device(asks, torch.int64, logits.device)
+            lp = logprob_scores(logits, st, rows)
+            chosen = lp.gather(1, tokens[rows][:, None])
+            # a stable descending sort: ties come lowest id first, whatever k the batch's other rows asked for
+            top_values, top_ids = torch.sort(lp, dim=-1, descending=True, stable=True)
+            top_values, top_ids = top_values[:, :k_max], top_ids[:, :k_max]
+            # float64 holds every int64 token id / status below 2**53 exactly: one flat tensor, one transfer
+            packed = torch.cat([tokens.to(torch.float64), status.to(torch.float64),
+                                chosen.to(torch.float64).reshape(-1), top_values.to(torch.float64).reshape(-1),
+                                top_ids.to(torch.float64).reshape(-1)])
+            flat = packed.tolist()  # the one host sync
+            token_list = [int(t) for t in flat[:b]]
+            status_list = [int(c) for c in flat[b:2 * b]]
+            n = len(asks)
+            chosen_list = flat[2 * b:2 * b + n]
+            values = flat[2 * b + n:2 * b + n + n * k_max]
+            ids = flat[2 * b + n + n * k_max:]
+        else:
+            token_list, status_list = torch.stack([tokens, status]).tolist()  # the one host sync
     except Exception as exc:  # noqa: BLE001 - the step must go on; every row reports the failure
         error = ServerError(f"sampling failed: {type(exc).__name__}: {exc}")
-        return [error] * b
+        return [error] * b, [None] * b
     out: list[int | ServerError] = []
     for token, code, err in zip(token_list, status_list, errors):
         if err is not None:
@@ -375,4 +454,10 @@ def select_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
             out.append(ServerError("sampling failed: a seen token id is outside the vocabulary"))
         else:
             out.append(token)
-    return out
+    row_lps: list[RowLogprobs | None] = [None] * b
+    for j, i in enumerate(asks):
+        if isinstance(out[i], int):
+            k = min(logprobs[i], k_max)
+            base = j * k_max
+            row_lps[i] = RowLogprobs(chosen_list[j], tuple((int(ids[base + m]), values[base + m]) for m in range(k)))
+    return out, row_lps

@@ -17,6 +17,8 @@ from server.engine.types import (
     GenerationResult,
     SamplingParams,
     Timings,
+    TokenLogprob,
+    TopLogprob,
     build_generation_request,
     build_sampling_params,
 )
@@ -44,11 +46,12 @@ def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: in
     (max_new_tokens 256 or ``max_new_tokens_limit`` when lower, top_p 1.0, repetition_penalty 1.0, seed None).
 
     ``max_new_tokens_limit`` is the server's cap (tokens). Raises :class:`InvalidArgument` naming the first bad
-    field (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``).
+    field (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``,
+    ``top_logprobs``, ``stop``).
     ``stop_limits`` (``max_stop_strings``, ``max_stop_chars``) go to :meth:`SamplingParams.validate`.
     """
     fields: dict = {"temperature": msg.temperature, "top_k": msg.top_k, "stop": tuple(msg.stop),
-                    "ignore_eos": msg.ignore_eos}
+                    "ignore_eos": msg.ignore_eos, "logprobs": msg.logprobs, "top_logprobs": msg.top_logprobs}
     for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
         if msg.HasField(name):
             fields[name] = getattr(msg, name)
@@ -97,18 +100,33 @@ def timings_to_proto(t: Timings) -> pb.Timings:
                       tpot_seconds=t.tpot_seconds)
 
 
+def token_logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
+    """One generated token's log-probabilities → ``TokenLogprob`` (values become float32 on the wire)."""
+    return pb.TokenLogprob(token_id=lp.token_id, token=lp.token, logprob=lp.logprob,
+                           top_logprobs=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
+                                         for t in lp.top_logprobs])
+
+
+def token_logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
+    """``TokenLogprob`` → :class:`TokenLogprob`."""
+    return TokenLogprob(msg.token_id, msg.token, msg.logprob,
+                        tuple(TopLogprob(t.token_id, t.token, t.logprob) for t in msg.top_logprobs))
+
+
 def generate_response_to_proto(result: GenerationResult) -> pb.GenerateResponse:
     """A finished request's whole answer → ``GenerateResponse``."""
     return pb.GenerateResponse(
         request_id=result.request_id, text=result.text, finish_reason=finish_reason_to_proto(result.finish_reason),
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-        timings=timings_to_proto(result.timings))
+        timings=timings_to_proto(result.timings),
+        logprobs=[token_logprob_to_proto(lp) for lp in result.logprobs])
 
 
 def stream_event_to_proto(event: GenerationEvent) -> pb.GenerateStreamResponse:
     """One engine event → ``GenerateStreamResponse``; token counts and timings only on the finished event. The caller
     handles ``event.error`` (it is not representable here)."""
-    msg = pb.GenerateStreamResponse(request_id=event.request_id, text=event.text)
+    msg = pb.GenerateStreamResponse(request_id=event.request_id, text=event.text,
+                                    logprobs=[token_logprob_to_proto(lp) for lp in event.logprobs])
     if event.finished:
         msg.finish_reason = finish_reason_to_proto(event.finish_reason)
         msg.prompt_tokens = event.prompt_tokens
@@ -134,9 +152,10 @@ def generate_request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
     msg = pb.GenerateRequest(
         request_id=req.request_id, adapter_id=req.adapter_id, prompt=req.prompt or "",
         messages=[pb.ChatMessage(role=m.role, content=m.content) for m in req.messages], stop=list(p.stop),
-        ignore_eos=bool(p.ignore_eos))
+        ignore_eos=bool(p.ignore_eos), logprobs=bool(p.logprobs))
     _set_field(msg, "temperature", p.temperature)
     _set_field(msg, "top_k", p.top_k)
+    _set_field(msg, "top_logprobs", p.top_logprobs)
     defaults = SamplingParams()
     for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
         value = getattr(p, name)
@@ -171,17 +190,18 @@ def generation_result_from_proto(msg: pb.GenerateResponse) -> GenerationResult:
         request_id=msg.request_id, text=msg.text, token_ids=(),
         finish_reason=finish_reason_from_proto(msg.finish_reason) or "",
         prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
-        timings=timings_from_proto(msg.timings))
+        timings=timings_from_proto(msg.timings), logprobs=tuple(token_logprob_from_proto(m) for m in msg.logprobs))
 
 
 def stream_event_from_proto(msg: pb.GenerateStreamResponse) -> GenerationEvent:
     """``GenerateStreamResponse`` → :class:`GenerationEvent`; ``finished`` is set on the message that carries a
     finish reason."""
     reason = finish_reason_from_proto(msg.finish_reason)
+    logprobs = tuple(token_logprob_from_proto(m) for m in msg.logprobs)
     if reason is None:
-        return GenerationEvent(request_id=msg.request_id, text=msg.text)
+        return GenerationEvent(request_id=msg.request_id, text=msg.text, logprobs=logprobs)
     return GenerationEvent(
-        request_id=msg.request_id, text=msg.text, finished=True, finish_reason=reason,
+        request_id=msg.request_id, text=msg.text, finished=True, finish_reason=reason, logprobs=logprobs,
         prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
         timings=timings_from_proto(msg.timings) if msg.HasField("timings") else None)
 

@@ -94,6 +94,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         stream, clock = self._submit(request, context)
         parts: list[str] = []
         token_ids: list[int] = []
+        logprobs: list = []
         finished = False
         try:
             for event in stream:
@@ -101,13 +102,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     raise event.error
                 parts.append(event.text)
                 token_ids.extend(event.token_ids)
+                logprobs.extend(event.logprobs)
                 if event.finished:
                     finished = True
                     return convert.generate_response_to_proto(GenerationResult(
                         request_id=event.request_id or stream.request_id, text="".join(parts),
                         token_ids=tuple(token_ids), finish_reason=event.finish_reason or "",
                         prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                        timings=event.timings or _ZERO_TIMINGS))
+                        timings=event.timings or _ZERO_TIMINGS, logprobs=tuple(logprobs)))
             raise _ended_early(context, clock, self._app)
         finally:
             if not finished:
@@ -126,7 +128,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     finished = True
                     yield convert.stream_event_to_proto(event)
                     return
-                if event.text:
+                if event.text or event.logprobs:  # a chunk carries its tokens' log-probabilities
                     yield convert.stream_event_to_proto(event)
             raise _ended_early(context, clock, self._app)
         finally:

@@ -334,7 +334,8 @@ def test_any_failure_gives_every_request_exactly_one_terminal_event(faulty, poin
     eng.request_log = SimpleNamespace(finished=real_log.finished)  # RequestLog is frozen: patch a stand-in
     owner = {"prefill": eng.runner, "decode": eng.runner, "select_tokens": engine_module, "acquire": eng.cache,
              "release": eng.cache, "request_log": eng.request_log, "tokenizer_decode": eng.tokenizer}[point]
-    name = {"request_log": "finished", "tokenizer_decode": "decode"}.get(point, point)
+    name = {"request_log": "finished", "tokenizer_decode": "decode",
+            "select_tokens": "select_tokens_logprobs"}.get(point, point)
     n = next(_counter)
     undo = _patch_nth(owner, name, nth, times)
     try:

@@ -28,6 +28,7 @@ from server.model.sampling import (
     sample,
     sampling_tensors,
     select_tokens,
+    select_tokens_logprobs,
 )
 
 UINT64 = st.integers(min_value=0, max_value=2**64 - 1)
@@ -421,3 +422,84 @@ def test_cuda_matches_the_cpu():
 
 def test_an_empty_batch():
     assert select_tokens(torch.zeros(0, 7), [], [], [], []) == []
+
+
+# --- log-probabilities (select_tokens_logprobs) -----------------------------------------------------------------
+
+def _logprob_oracle(row: torch.Tensor, p: SamplingParams, seen: list[int]) -> torch.Tensor:
+    """``[V]`` float32: log_softmax of transformers' penalized scores divided by the temperature (1 for greedy),
+    before top-k / top-p (the module's numerics: float64, finite penalty clamp, row max subtracted first)."""
+    x = row.double()[None].clone()
+    ids = torch.tensor([seen], dtype=torch.long)
+    if p.repetition_penalty != 1.0 and seen:
+        y = RepetitionPenaltyLogitsProcessor(float(p.repetition_penalty))(ids, x.clone())
+        x = torch.where(torch.isinf(y) & torch.isfinite(x), y.clamp(-F64_MAX, F64_MAX), y)
+    x = x - x.max()
+    if p.temperature > 0:
+        x = TemperatureLogitsWarper(float(p.temperature))(ids, x)
+    return torch.log_softmax(x, dim=-1)[0].float()
+
+
+@SETTINGS
+@given(batch=batches(), data=st.data())
+def test_logprobs_match_the_oracle_and_leave_tokens_unchanged(batch, data):
+    v, rows_ = batch
+    n = len(rows_)
+    seeds = data.draw(st.lists(UINT64, min_size=n, max_size=n))
+    steps = data.draw(st.lists(STEP, min_size=n, max_size=n))
+    asks = data.draw(st.lists(st.integers(-1, 25), min_size=n, max_size=n))
+    logits = _logits(rows_)
+    params, seen = [r[1] for r in rows_], [r[2] for r in rows_]
+    tokens, lps = select_tokens_logprobs(logits, params, seen, seeds, steps, asks)
+    assert tokens == select_tokens(logits, params, seen, seeds, steps)  # asking never changes a token
+    for b, (tok, lp, k) in enumerate(zip(tokens, lps, asks)):
+        if k < 0:
+            assert lp is None
+            continue
+        want = _logprob_oracle(logits[b], params[b], seen[b])
+        close = dict(rtol=1e-6, atol=1e-6, equal_nan=False)
+        torch.testing.assert_close(torch.tensor(lp.logprob), want[tok], **close)
+        assert len(lp.top) == min(k, v)
+        top_values = torch.tensor([x for _, x in lp.top], dtype=torch.float32)
+        torch.testing.assert_close(top_values, torch.topk(want, min(k, v)).values, **close)
+        for tid, value in lp.top:  # each reported id carries its own value (ties may come in any order)
+            torch.testing.assert_close(torch.tensor(value), want[tid], **close)
+        # a row's log-probabilities do not depend on its neighbours
+        alone = select_tokens_logprobs(logits[b:b + 1], [params[b]], [seen[b]], [seeds[b]], [steps[b]], [k])
+        assert alone == ([tok], [lp])
+
+
+def test_logprobs_of_a_greedy_row_are_the_raw_log_softmax():
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
+    tokens, lps = select_tokens_logprobs(logits, [SamplingParams()] * 2, None, [0, 0], [0, 0], [5, -1])
+    want = torch.log_softmax(logits[0], dim=-1)
+    assert tokens[0] == int(want.argmax()) and lps[1] is None
+    assert abs(lps[0].logprob - float(want.max())) < 1e-6
+    values, ids = torch.topk(want, 5)
+    assert [t for t, _ in lps[0].top] == ids.tolist()
+    assert [x for _, x in lps[0].top] == pytest.approx(values.tolist(), abs=1e-6)
+
+
+def test_logprobs_come_back_in_the_one_host_sync(monkeypatch):
+    calls = []
+    real_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        calls.append(tuple(self.shape))
+        return real_tolist(self)
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(), SamplingParams(temperature=0.9, top_k=3), SamplingParams(repetition_penalty=0.5)]
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    tokens, lps = select_tokens_logprobs(logits, params, [[1, 2], [3], [4, 5, 6]], [1, 2, 3], [0, 1, 2],
+                                         [3, -1, 0])
+    monkeypatch.undo()
+    assert len(calls) == 1
+    assert lps[1] is None and len(lps[0].top) == 3 and lps[2].top == ()
+
+
+def test_a_failing_row_gets_no_logprobs():
+    logits = torch.randn(2, 8, generator=torch.Generator().manual_seed(2))
+    logits[1, 3] = math.nan
+    tokens, lps = select_tokens_logprobs(logits, [SamplingParams()] * 2, None, [0, 0], [0, 0], [2, 2])
+    assert isinstance(tokens[1], NonFiniteLogits) and lps[1] is None and lps[0] is not None

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 from server.adapters.types import AdapterInfo
 from server.config import EngineConfig, ModelConfig, ServerConfig
-from server.engine.types import FINISH_LENGTH, GenerationEvent, GenerationRequest, Timings
+from server.engine.types import (FINISH_LENGTH, GenerationEvent, GenerationRequest, Timings, TokenLogprob,
+                                 TopLogprob)
 from server.errors import (AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument, NotFound,
                            ResourceExhausted)
 from server.metrics import Metrics
@@ -100,8 +101,17 @@ class FakeEngine:
                 f"{m.role}: {m.content}" for m in request.messages)
             words = text.split(" ")
             pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
-            events = [GenerationEvent(rid, text=p, token_ids=(i,)) for i, p in enumerate(pieces[:-1])]
+            # with logprobs asked: token i has log-probability -i/8 and top alternatives (i, -i/8), (100, -3.0)...
+            def lps(i):
+                if not request.params.wants_logprobs:
+                    return ()
+                alternatives = [(i, -i / 8), (100, -3.0)][:request.params.top_logprobs]
+                top = tuple(TopLogprob(t, f"t{t}", v) for t, v in alternatives)
+                return (TokenLogprob(i, pieces[i], -i / 8, top),)
+            events = [GenerationEvent(rid, text=p, token_ids=(i,), logprobs=lps(i))
+                      for i, p in enumerate(pieces[:-1])]
             events.append(GenerationEvent(rid, text=pieces[-1], token_ids=(len(pieces) - 1,), finished=True,
+                                          logprobs=lps(len(pieces) - 1),
                                           finish_reason=FINISH_LENGTH, prompt_tokens=len(words),
                                           completion_tokens=len(words),
                                           timings=Timings(0.25, 0.5, 1.5, 0.125)))

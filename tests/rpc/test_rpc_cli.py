@@ -68,6 +68,18 @@ def test_generate_ignore_eos_flag_reaches_the_engine(address, app, capsys):
     assert [r.params.ignore_eos for r in app.engine.submitted] == [True, False]
     assert app.engine.submitted[0].params.max_new_tokens == 8
 
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_generate_logprobs_flags_print_json_lines_to_stderr(address, app, capsys, stream):
+    assert main(["generate", "--target", address, "--prompt", "a b", "--top-logprobs", "2", *stream]) == 0
+    out = capsys.readouterr()
+    assert out.out == "a b\n"
+    lines = [json.loads(line) for line in out.err.splitlines()]
+    assert [d["token_id"] for d in lines] == [0, 1] and [d["logprob"] for d in lines] == [0.0, -0.125]
+    assert [t["token_id"] for t in lines[1]["top_logprobs"]] == [1, 100]
+    assert app.engine.submitted[0].params.top_logprobs == 2
+
+
 def test_client_errors_print_code_and_exit_1(address, capsys):
     assert main(["generate", "--target", address, "--prompt", "x", "--adapter", "nope"]) == 1
     err = capsys.readouterr().err

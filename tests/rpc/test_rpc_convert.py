@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.adapters.types import AdapterInfo
-from server.engine.types import (ChatMessage, GenerationEvent, GenerationRequest, GenerationResult, SamplingParams,
-                                 Timings)
+from server.engine.types import (MAX_TOP_LOGPROBS, ChatMessage, GenerationEvent, GenerationRequest,
+                                 GenerationResult, SamplingParams, Timings, TokenLogprob, TopLogprob)
 from server.errors import InvalidArgument
 from server.rpc import convert
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
@@ -103,6 +103,38 @@ def test_ignore_eos_defaults_off_and_round_trips():
     wire = pb.GenerateRequest.FromString(msg.SerializeToString())
     assert convert.generation_request_from_proto(wire, default_request_id="x", max_new_tokens_limit=LIMIT) == req
     assert convert.generate_request_to_proto(GenerationRequest(request_id="", prompt="p")).ignore_eos is False
+
+
+def test_logprobs_fields_default_off_round_trip_and_are_validated():
+    assert _convert(pb.GenerateRequest(prompt="p")).params.wants_logprobs is False
+    params = _convert(pb.GenerateRequest(prompt="p", top_logprobs=MAX_TOP_LOGPROBS)).params
+    assert params.top_logprobs == MAX_TOP_LOGPROBS and params.wants_logprobs  # k > 0 implies logprobs
+    assert _convert(pb.GenerateRequest(prompt="p", logprobs=True)).params.wants_logprobs
+    for k in (-1, MAX_TOP_LOGPROBS + 1, 2**31 - 1):
+        assert _field_error(pb.GenerateRequest(prompt="p", top_logprobs=k)) == "top_logprobs"
+    req = GenerationRequest(request_id="r", prompt="p",
+                            params=SamplingParams(max_new_tokens=5, logprobs=True, top_logprobs=3))
+    wire = pb.GenerateRequest.FromString(convert.generate_request_to_proto(req).SerializeToString())
+    assert convert.generation_request_from_proto(wire, default_request_id="x", max_new_tokens_limit=LIMIT) == req
+
+
+LOGPROBS = (TokenLogprob(5, "a", -0.5, (TopLogprob(5, "a", -0.5), TopLogprob(7, "<s>", -1.25))),
+            TokenLogprob(9, " b", -float("inf"), ()))
+
+
+def test_logprobs_round_trip_in_responses_and_stream_events():
+    result = GenerationResult("r", "a b", (5, 9), "length", 2, 2, TIMINGS_FOR_LOGPROBS, LOGPROBS)
+    wire = pb.GenerateResponse.FromString(convert.generate_response_to_proto(result).SerializeToString())
+    assert convert.generation_result_from_proto(wire).logprobs == LOGPROBS  # values exact in float32
+    for event in (GenerationEvent("r", text="a b", token_ids=(5, 9), logprobs=LOGPROBS),
+                  GenerationEvent("r", text="", finished=True, finish_reason="eos", logprobs=LOGPROBS[:1],
+                                  timings=TIMINGS_FOR_LOGPROBS)):
+        msg = pb.GenerateStreamResponse.FromString(convert.stream_event_to_proto(event).SerializeToString())
+        assert convert.stream_event_from_proto(msg).logprobs == event.logprobs
+    assert not convert.generate_response_to_proto(dataclasses.replace(result, logprobs=())).logprobs
+
+
+TIMINGS_FOR_LOGPROBS = Timings(queue_seconds=0.5, ttft_seconds=1.0, total_seconds=3.0, tpot_seconds=0.25)
 
 
 TIMINGS = Timings(queue_seconds=0.5, ttft_seconds=1.0, total_seconds=3.0, tpot_seconds=0.25)

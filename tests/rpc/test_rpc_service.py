@@ -75,6 +75,22 @@ def test_generate_stream_sends_deltas_then_a_final_message(generation):
     assert len({m.request_id for m in msgs}) == 1
 
 
+@pytest.mark.parametrize("kwargs", [{"logprobs": True}, {"top_logprobs": 2}])
+def test_logprobs_in_unary_and_stream_are_the_same(generation, kwargs):
+    unary = generation.Generate(pb.GenerateRequest(prompt="one two three", **kwargs))
+    chunks = list(generation.GenerateStream(pb.GenerateRequest(prompt="one two three", **kwargs)))
+    assert [m.token_id for m in unary.logprobs] == [0, 1, 2]
+    assert [m.logprob for m in unary.logprobs] == [0.0, -0.125, -0.25]
+    assert [len(m.top_logprobs) for m in unary.logprobs] == [kwargs.get("top_logprobs", 0)] * 3
+    assert all(len(c.logprobs) == 1 for c in chunks)  # each chunk carries its own token's entry
+    assert [lp for c in chunks for lp in c.logprobs] == list(unary.logprobs)
+
+
+def test_no_logprobs_unless_asked(generation):
+    assert not generation.Generate(pb.GenerateRequest(prompt="one two")).logprobs
+    assert not any(m.logprobs for m in generation.GenerateStream(pb.GenerateRequest(prompt="one two")))
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_unknown_adapter_is_not_found(generation, streaming):
     rpc = generation.GenerateStream if streaming else generation.Generate
@@ -88,6 +104,8 @@ def test_unknown_adapter_is_not_found(generation, streaming):
     ({}, "prompt"),
     ({"messages": [pb.ChatMessage(role="", content="y")]}, "messages[0].role"),
     ({"prompt": "x", "max_new_tokens": 65}, "max_new_tokens"),  # over the server's limit of 64
+    ({"prompt": "x", "top_logprobs": 21}, "top_logprobs"),
+    ({"prompt": "x", "top_logprobs": -1}, "top_logprobs"),
 ])
 def test_invalid_argument_names_the_field(generation, app, request_kwargs, field):
     err = _rpc_error(generation.Generate, pb.GenerateRequest(**request_kwargs))
