@@ -67,21 +67,26 @@ def build_http_app(app) -> FastAPI:
                                          max_stop_chars=limits.max_stop_chars)
         stream = app.engine.submit(req)
         model = body["model"]
+        asked = req.params.wants_logprobs
         if convert.is_stream(body):
-            return StreamingResponse(_sse(stream, chat, req.request_id, model), media_type="text/event-stream")
+            return StreamingResponse(_sse(stream, chat, req.request_id, model, asked),
+                                     media_type="text/event-stream")
         parts: list[str] = []
+        entries: list = []
         finished = False
         try:
             for event in stream:
                 if event.error is not None:
                     raise event.error
                 parts.append(event.text)
+                entries.extend(event.logprobs)
                 if event.finished:
                     finished = True
                     return convert.completion_body(
                         chat=chat, request_id=req.request_id, model=model, text="".join(parts),
                         reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens)
+                        completion_tokens=event.completion_tokens,
+                        logprobs=convert.logprobs_body(tuple(entries), chat=chat, asked=asked))
             raise ServerError("the engine ended the request without a final event")
         finally:
             if not finished:
@@ -98,26 +103,31 @@ def build_http_app(app) -> FastAPI:
     return api
 
 
-def _sse(stream, chat: bool, request_id: str, model: str):
-    """Server-sent events: one ``data: {chunk}`` per text delta, the last carrying finish_reason and usage, then
-    ``data: [DONE]``. An error after the first byte is sent as ``data: {"error": ...}``."""
+def _sse(stream, chat: bool, request_id: str, model: str, asked: bool = False):
+    """Server-sent events: one ``data: {chunk}`` per text delta (with its tokens' log-probabilities when
+    ``asked``), the last carrying finish_reason and usage, then ``data: [DONE]``. An error after the first byte is
+    sent as ``data: {"error": ...}``."""
     finished = False
     first = True
+    sent = 0  # characters streamed so far (the completions shape's text_offset)
     try:
         for event in stream:
             if event.error is not None:
                 yield _data(error_response(event.error)[1])
                 return
+            logprobs = convert.logprobs_body(event.logprobs, chat=chat, asked=asked, text_offset=sent)
             if event.finished:
                 finished = True
                 yield _data(convert.chunk_body(
                     chat=chat, request_id=request_id, model=model, text=event.text, reason=event.finish_reason,
-                    first=first, usage_=convert.usage(event.prompt_tokens, event.completion_tokens)))
+                    first=first, usage_=convert.usage(event.prompt_tokens, event.completion_tokens),
+                    logprobs=logprobs))
                 yield "data: [DONE]\n\n"
                 return
-            if event.text:
+            if event.text or event.logprobs:
                 yield _data(convert.chunk_body(chat=chat, request_id=request_id, model=model, text=event.text,
-                                               first=first))
+                                               first=first, logprobs=logprobs))
+                sent += len(event.text)
                 first = False
         yield _data(error_response(ServerError("the engine ended the request without a final event"))[1])
     finally:

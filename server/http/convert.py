@@ -8,15 +8,17 @@ import uuid
 
 from server.engine.types import (
     FINISH_LENGTH,
+    MAX_TOP_LOGPROBS,
     ChatMessage,
     GenerationRequest,
+    TokenLogprob,
     build_generation_request,
     build_sampling_params,
 )
 from server.errors import InvalidArgument
 
 #: Request fields this server does not implement yet: a request that sets one gets 400 naming it.
-UNSUPPORTED = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "functions", "function_call",
+UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
                "echo", "best_of", "suffix", "logit_bias", "parallel_tool_calls", "audio", "modalities",
                "prediction")
 #: Accepted only at their neutral value.
@@ -91,6 +93,27 @@ def _prompt(body: dict) -> str:
     return prompt
 
 
+def _logprob_fields(body: dict, chat: bool) -> dict:
+    """The engine's ``logprobs`` / ``top_logprobs`` from OpenAI's: chat takes ``logprobs`` (bool) and
+    ``top_logprobs`` (0..20, needs ``logprobs``); completions take ``logprobs`` (an int k: the chosen token's
+    log-probability and the k most likely). Raises :class:`InvalidArgument` naming the parameter."""
+    if chat:
+        wanted = bool(_get(body, "logprobs", "bool"))
+        k = _get(body, "top_logprobs", "int")
+        if k is not None and not wanted:
+            raise InvalidArgument("needs logprobs: true", field="top_logprobs")
+        k = 0 if k is None else k
+        name = "top_logprobs"
+    else:
+        if body.get("top_logprobs") is not None:
+            raise InvalidArgument("is a chat parameter; completions take logprobs: k", field="top_logprobs")
+        k = _get(body, "logprobs", "int")
+        wanted, k, name = k is not None, 0 if k is None else k, "logprobs"
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"must be 0..{MAX_TOP_LOGPROBS}, got {k}", field=name)
+    return {"logprobs": wanted, "top_logprobs": k} if wanted else {}
+
+
 def is_stream(body: dict) -> bool:
     return bool(_get(body, "stream", "bool"))
 
@@ -99,11 +122,11 @@ def generation_request(body: dict, *, chat: bool, adapter_id: str, max_new_token
                        **stop_limits) -> GenerationRequest:
     """The engine request of a ``/v1/completions`` (``chat`` False) or ``/v1/chat/completions`` body; ``model``
     is already resolved to ``adapter_id`` ("" = base). Raises :class:`InvalidArgument` naming the OpenAI
-    parameter (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``prompt``, ``messages``, or an
-    unsupported one)."""
+    parameter (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``logprobs``, ``top_logprobs``,
+    ``prompt``, ``messages``, or an unsupported one)."""
     _check_unsupported(body)
     is_stream(body)
-    fields: dict = {"stop": _stop(body)}
+    fields: dict = {"stop": _stop(body), **_logprob_fields(body, chat)}
     max_tokens = _get(body, "max_tokens", "int")
     if chat and max_tokens is None:
         max_tokens = _get(body, "max_completion_tokens", "int")
@@ -136,27 +159,49 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def logprobs_body(entries: tuple[TokenLogprob, ...], *, chat: bool, asked: bool, text_offset: int = 0) -> dict | None:
+    """OpenAI's ``logprobs`` of a choice for ``entries`` (one per generated token; None when not asked).
+
+    Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
+    Completions (the legacy shape): ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}],
+    "text_offset"}``, offsets counted from ``text_offset`` (characters of this choice's text already sent)."""
+    if not asked:
+        return None
+    if chat:
+        return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
+                             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+                                              for t in e.top_logprobs]} for e in entries]}
+    offsets, at = [], text_offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+            "text_offset": offsets}
+
+
 def completion_body(*, chat: bool, request_id: str, model: str, text: str, reason: str | None,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
-    """A whole ``text_completion`` / ``chat.completion`` object."""
-    choice: dict = {"index": 0, "finish_reason": finish_reason(reason)}
+                    prompt_tokens: int, completion_tokens: int, logprobs: dict | None = None) -> dict:
+    """A whole ``text_completion`` / ``chat.completion`` object (``logprobs``: :func:`logprobs_body`)."""
+    choice: dict = {"index": 0, "finish_reason": finish_reason(reason), "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
-        choice.update(text=text, logprobs=None)
+        choice["text"] = text
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk_body(*, chat: bool, request_id: str, model: str, text: str, reason: str | None = None,
-               first: bool = False, usage_: dict | None = None) -> dict:
-    """One streamed chunk (``chat.completion.chunk`` or ``text_completion``)."""
-    choice: dict = {"index": 0, "finish_reason": finish_reason(reason)}
+               first: bool = False, usage_: dict | None = None, logprobs: dict | None = None) -> dict:
+    """One streamed chunk (``chat.completion.chunk`` or ``text_completion``; ``logprobs``: :func:`logprobs_body`
+    of this chunk's tokens)."""
+    choice: dict = {"index": 0, "finish_reason": finish_reason(reason), "logprobs": logprobs}
     if chat:
         choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
     else:
-        choice.update(text=text, logprobs=None)
+        choice["text"] = text
     body = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
     if usage_ is not None:

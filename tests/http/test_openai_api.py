@@ -74,7 +74,6 @@ def test_unknown_model_is_not_found(client):
 
 
 @pytest.mark.parametrize("param, kw", [
-    ("logprobs", {"logprobs": True}),
     ("response_format", {"response_format": {"type": "json_object"}}),
     ("n", {"n": 2}),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
@@ -84,6 +83,29 @@ def test_unsupported_params_are_bad_requests_naming_them(client, param, kw):
         client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], **kw)
     assert info.value.param == param and param in info.value.message
     assert info.value.body["type"] == "invalid_request_error"
+
+
+def test_logprob_params_reach_the_engine_and_bad_ones_name_the_param(client, app):
+    """Chat: logprobs (bool) + top_logprobs (0..20, needs logprobs); completions: logprobs = k."""
+    client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                   top_logprobs=3)
+    assert (app.engine.submitted[-1].params.logprobs, app.engine.submitted[-1].params.top_logprobs) == (True, 3)
+    client.completions.create(model="alpha", prompt="hi", logprobs=2)
+    assert (app.engine.submitted[-1].params.logprobs, app.engine.submitted[-1].params.top_logprobs) == (True, 2)
+    client.completions.create(model="alpha", prompt="hi", logprobs=0)  # the chosen token's only
+    assert (app.engine.submitted[-1].params.logprobs, app.engine.submitted[-1].params.top_logprobs) == (True, 0)
+    client.completions.create(model="alpha", prompt="hi")
+    assert not app.engine.submitted[-1].params.wants_logprobs
+    bad = [("top_logprobs", lambda: client.chat.completions.create(
+                model="alpha", messages=[{"role": "user", "content": "hi"}], top_logprobs=2)),
+           ("top_logprobs", lambda: client.chat.completions.create(
+                model="alpha", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=21)),
+           ("logprobs", lambda: client.completions.create(model="alpha", prompt="hi", logprobs=21)),
+           ("logprobs", lambda: client.completions.create(model="alpha", prompt="hi", logprobs=-1))]
+    for param, call in bad:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.param == param
 
 
 def test_invalid_values_name_the_openai_param(client):

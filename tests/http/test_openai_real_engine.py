@@ -49,6 +49,31 @@ def test_adapter_by_model_matches_grpc_generate(tmp_path):
         chat = oai.chat.completions.create(model=TINY_NAME, messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=2)
         assert chat.usage.prompt_tokens > len("hi")  # the chat template was applied
+
+        # Log-probabilities: the same values as gRPC Generate's (tests/engine/test_logprobs.py checks those against
+        # transformers), unary and streamed, in both OpenAI shapes.
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            ref = client.generate(GenerationRequest(request_id="", adapter_id="alpha", prompt="hello",
+                                                    params=SamplingParams(max_new_tokens=6, top_logprobs=3)))
+        assert len(ref.logprobs) == ref.completion_tokens > 0
+        lp = oai.completions.create(model="alpha", prompt="hello", max_tokens=6, temperature=0, logprobs=3)
+        got = lp.choices[0].logprobs
+        assert got.tokens == [e.token for e in ref.logprobs]
+        assert got.token_logprobs == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-6)
+        assert got.top_logprobs == [{t.token: pytest.approx(t.logprob, abs=1e-6) for t in e.top_logprobs}
+                                    for e in ref.logprobs]
+        streamed = oai.completions.create(model="alpha", prompt="hello", max_tokens=6, temperature=0, logprobs=3,
+                                          stream=True)
+        tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        assert tokens == got.tokens
+        chat_lp = oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hello"}],
+                                              max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+        content = chat_lp.choices[0].logprobs.content
+        assert len(content) == chat_lp.usage.completion_tokens
+        for entry in content:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+            assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+            assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)  # greedy: the top one
     finally:
         http.stop()
         grpc_server.stop(None)
