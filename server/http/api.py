@@ -11,6 +11,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.engine.engine import collect_result
 from server.errors import Cancelled, InvalidArgument, NotFound, ServerError
 from server.http import convert
 from server.http.errors import ModelNotFound, error_response
@@ -71,23 +72,14 @@ def build_http_app(app) -> FastAPI:
         if convert.is_stream(body):
             return StreamingResponse(_sse(stream, chat, req.request_id, model, asked),
                                      media_type="text/event-stream")
-        parts: list[str] = []
-        entries: list = []
         finished = False
         try:
-            for event in stream:
-                if event.error is not None:
-                    raise event.error
-                parts.append(event.text)
-                entries.extend(event.logprobs)
-                if event.finished:
-                    finished = True
-                    return convert.completion_body(
-                        chat=chat, request_id=req.request_id, model=model, text="".join(parts),
-                        reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        logprobs=convert.logprobs_body(tuple(entries), chat=chat, asked=asked))
-            raise ServerError("the engine ended the request without a final event")
+            result = collect_result(stream, req.request_id)
+            finished = True
+            return convert.completion_body(
+                chat=chat, request_id=req.request_id, model=model, text=result.text, reason=result.finish_reason,
+                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                logprobs=convert.logprobs_body(result.logprobs, chat=chat, asked=asked))
         finally:
             if not finished:
                 stream.cancel(Cancelled("the HTTP request ended early"))
