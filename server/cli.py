@@ -198,6 +198,14 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-logprobs", type=int_in(0, MAX_TOP_LOGPROBS), default=0, metavar="K",
                    help=f"also print the K most likely tokens per position (0..{MAX_TOP_LOGPROBS}; implies "
                         "--logprobs; default 0)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="SCHEMA", default=None,
+                     help="structured output: the answer is JSON valid against this JSON Schema (JSON text, or "
+                          "@FILE to read it from a file)")
+    fmt.add_argument("--json-object", action="store_true", help="structured output: the answer is a JSON object")
+    fmt.add_argument("--regex", default=None, help="structured output: the whole answer matches this regex")
+    fmt.add_argument("--choice", action="append", default=None,
+                     help="structured output: the answer is exactly one of these strings (repeatable)")
     p.add_argument("--request-id", default="", help="request id (default: the server makes one)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(func=_cmd_generate)
@@ -628,6 +636,29 @@ def _client_command(fn: Callable[..., None]) -> Callable[[argparse.Namespace], i
     return run
 
 
+def _response_format_from_args(args: argparse.Namespace):
+    """``generate``'s structured-output option as a :class:`ResponseFormat` (None when none is given); ``--json-schema
+    @FILE`` reads the schema from FILE. Raises InvalidArgument (field ``json_schema``) when FILE cannot be read."""
+    from server.engine.types import ResponseFormat
+    from server.errors import InvalidArgument
+
+    schema = getattr(args, "json_schema", None)
+    if schema is not None:
+        if schema.startswith("@"):
+            try:
+                schema = Path(schema[1:]).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidArgument(f"cannot read {schema[1:]}: {exc}", field="json_schema") from None
+        return ResponseFormat("json_schema", schema)
+    if getattr(args, "json_object", False):
+        return ResponseFormat("json_object")
+    if getattr(args, "regex", None) is not None:
+        return ResponseFormat("regex", args.regex)
+    if getattr(args, "choice", None):
+        return ResponseFormat("choice", choices=tuple(args.choice))
+    return None
+
+
 def generation_request_from_args(args: argparse.Namespace):
     """The :class:`GenerationRequest` of ``generate``'s arguments (validated by the server, not here)."""
     from server.engine.types import ChatMessage, GenerationRequest, SamplingParams
@@ -638,7 +669,7 @@ def generation_request_from_args(args: argparse.Namespace):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
-                            top_logprobs=args.top_logprobs)
+                            top_logprobs=args.top_logprobs, response_format=_response_format_from_args(args))
     return GenerationRequest(request_id=args.request_id, adapter_id=args.adapter, prompt=args.prompt,
                              messages=messages, params=params)
 

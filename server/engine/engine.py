@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.config import EngineConfig
+from server.engine.grammar import GrammarCompiler
 from server.engine.output import OutputProcessor, added_vocab, detokenization_caveats, hidden_special_tokens
 from server.engine.scheduler import BlockAllocator, blocks_needed, plan_chunks
 from server.engine.types import (
@@ -123,6 +124,7 @@ class _Sequence:
     output: OutputProcessor
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when the request asks
+    matcher: object | None = None  # the response format's grammar state (llguidance LLMatcher), None = free text
     slot: int = -1
     blocks: list[int] = field(default_factory=list)  # KV blocks reserved for the whole request
     computed: int = 0  # prompt tokens already in the KV cache (chunked prefill)
@@ -163,6 +165,9 @@ class Engine:
         self.request_log = request_log or RequestLog()
         self.max_total_tokens = config.max_total_tokens or max_total_tokens
         self.eos_ids = self._eos_ids(model, tokenizer)
+        # the logits' width: the model's vocabulary (may exceed the tokenizer's: padding ids are never allowed)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
+        self.grammar = GrammarCompiler(tokenizer, int(vocab), sorted(self.eos_ids))
         self._hidden_specials = hidden_special_tokens(tokenizer)
         self._added_tokens = added_vocab(tokenizer)
         for caveat in detokenization_caveats(tokenizer):
@@ -257,12 +262,14 @@ class Engine:
                 "--kv-cache-bytes or lower max_new_tokens)", field="max_new_tokens")
         if request.adapter_id:
             self.cache.current_key(request.adapter_id)  # NotFound now, not after queueing
+        fmt = request.params.response_format
+        matcher = self.grammar.matcher(fmt) if fmt is not None else None  # compiled here, never on the step loop
         request_id = request.request_id or f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self)
         seq = _Sequence(request=request, stream=stream, prompt_ids=prompt_ids, arrival=time.monotonic(),
                         label=self.metrics.adapter_label(request.adapter_id), seed=request_seed(request.params),
                         output=OutputProcessor(self.tokenizer, request.params.stop, self._hidden_specials),
-                        stop_ids=self._stop_token_ids(request.params.stop))
+                        stop_ids=self._stop_token_ids(request.params.stop), matcher=matcher)
         with self._lock:
             if not self.alive:  # checked again under the lock: stop() / death and this submit cannot interleave
                 raise Unavailable(self._unavailable_reason())
@@ -510,8 +517,18 @@ class Engine:
         params = [s.request.params for s in seqs]
         seen = [s.prompt_ids + s.generated if s.request.params.repetition_penalty != 1.0 else [] for s in seqs]
         asks = [p.top_logprobs if p.wants_logprobs else -1 for p in params]
-        return select_tokens_logprobs(logits, params, seen, [s.seed for s in seqs], [len(s.generated) for s in seqs],
-                                      asks if any(k >= 0 for k in asks) else None)
+        allowed, grammar_errors = None, [None] * len(seqs)
+        if any(s.matcher is not None for s in seqs):
+            # Filled on the host while the device still runs this step's forward (nothing above waited for it),
+            # then copied in one transfer: no round trip per row.
+            allowed, grammar_errors = self.grammar.bitmask([s.matcher for s in seqs])
+        tokens, row_lps = select_tokens_logprobs(logits, params, seen, [s.seed for s in seqs],
+                                                 [len(s.generated) for s in seqs],
+                                                 asks if any(k >= 0 for k in asks) else None, allowed)
+        for b, reason in enumerate(grammar_errors):
+            if reason is not None:
+                tokens[b] = ServerError(f"structured output failed: {reason}")
+        return tokens, row_lps
 
     def _token_logprob(self, token: int, row: RowLogprobs) -> TokenLogprob:
         """A sampled row's log-probabilities with each token's text (``decode([id])``, special tokens shown)."""
@@ -552,6 +569,8 @@ class Engine:
             self._emit(seq, seq.output.finish())
             self._end(seq, reason=FINISH_EOS)
             return
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            raise ServerError(f"structured output failed: {seq.matcher.get_error()}")
         seq.generated.append(token)
         if row_lp is not None:
             seq.logprobs.append(self._token_logprob(token, row_lp))
@@ -559,6 +578,9 @@ class Engine:
         text, stopped = seq.output.push(token)
         self._emit(seq, text)
         if stopped:
+            self._end(seq, reason=FINISH_STOP)
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the format is complete: nothing may follow
+            self._emit(seq, seq.output.finish())
             self._end(seq, reason=FINISH_STOP)
         elif (len(seq.generated) >= seq.request.params.max_new_tokens
               or len(seq.prompt_ids) + len(seq.generated) >= self.max_total_tokens):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -14,6 +15,64 @@ FINISH_EOS = "eos"
 SEED_MAX = 2**64 - 1
 #: Largest accepted ``top_logprobs`` (alternatives reported per generated token).
 MAX_TOP_LOGPROBS = 20
+#: Longest accepted response format text: a JSON Schema or regex, or all choices together (characters).
+MAX_RESPONSE_FORMAT_CHARS = 100_000
+#: Most choices in a ``choice`` response format.
+MAX_CHOICES = 1024
+#: The kinds of :class:`ResponseFormat`.
+RESPONSE_FORMAT_KINDS = ("json_schema", "json_object", "regex", "choice")
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """A constraint on a request's whole output (structured output), enforced token by token while decoding
+    (:mod:`server.engine.grammar`).
+
+    Attributes:
+        kind: ``json_schema`` (the output is one JSON value valid against the JSON Schema ``value``),
+            ``json_object`` (any JSON object), ``regex`` (the whole output matches the regular expression
+            ``value``, Rust ``regex`` syntax) or ``choice`` (the output is exactly one of ``choices``).
+        value: the schema (JSON text) or the pattern; empty for the other kinds.
+        choices: the allowed outputs of ``choice``.
+
+    Generation ends with finish reason ``stop`` as soon as the output is complete and nothing can follow it; it
+    can still end earlier with ``length`` (``max_new_tokens``), so a truncated output may be invalid.
+    """
+
+    kind: str
+    value: str = ""
+    choices: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Check the shape (not yet the grammar: the engine compiles it at submit). Raises
+        :class:`InvalidArgument` naming ``response_format`` or ``response_format.<kind>``."""
+        if self.kind not in RESPONSE_FORMAT_KINDS:
+            raise InvalidArgument(f"must be one of {', '.join(RESPONSE_FORMAT_KINDS)}, got {self.kind!r}",
+                                  field="response_format")
+        field_name = f"response_format.{self.kind}"
+        size = len(self.value) + sum(len(c) for c in self.choices)
+        if size > MAX_RESPONSE_FORMAT_CHARS:
+            raise InvalidArgument(f"at most {MAX_RESPONSE_FORMAT_CHARS} characters, got {size}", field=field_name)
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.value)
+            except ValueError as exc:
+                raise InvalidArgument(f"is not valid JSON: {exc}", field=field_name) from None
+            if not isinstance(schema, (dict, bool)):
+                raise InvalidArgument("must be a JSON Schema: a JSON object (or true / false)", field=field_name)
+        elif self.kind == "regex" and not self.value:
+            raise InvalidArgument("must be a non-empty regular expression", field=field_name)
+        elif self.kind == "choice":
+            if not self.choices:
+                raise InvalidArgument("needs at least one choice", field=field_name)
+            if len(self.choices) > MAX_CHOICES:
+                raise InvalidArgument(f"at most {MAX_CHOICES} choices, got {len(self.choices)}", field=field_name)
+            if any(not c for c in self.choices):
+                raise InvalidArgument("choices must be non-empty strings", field=field_name)
+        if self.kind != "choice" and self.choices:
+            raise InvalidArgument("choices only go with kind 'choice'", field=field_name)
+        if self.kind in ("json_object", "choice") and self.value:
+            raise InvalidArgument("takes no value", field=field_name)
 
 
 @dataclass(frozen=True)
@@ -40,6 +99,9 @@ class SamplingParams:
             log-softmax of the penalized, temperature-scaled scores, before top-k / top-p truncation).
         top_logprobs: also return the k most likely tokens of that distribution per generated token
             (0 .. :data:`MAX_TOP_LOGPROBS`); k > 0 implies ``logprobs``.
+        response_format: constrain the output to a JSON Schema / JSON object / regex / choice
+            (:class:`ResponseFormat`); None = free text. Masked tokens have probability 0: log-probabilities are
+            then those of the constrained distribution, and ``top_logprobs`` lists only allowed tokens.
     """
 
     max_new_tokens: int = 256
@@ -52,6 +114,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    response_format: ResponseFormat | None = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -86,6 +149,8 @@ class SamplingParams:
         if longest > max_stop_chars:
             raise InvalidArgument(f"stop strings are at most {max_stop_chars} characters (--max-stop-chars), got "
                                   f"{longest}", field="stop")
+        if self.response_format is not None:
+            self.response_format.validate()
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -11,6 +12,7 @@ from server.engine.types import (
     MAX_TOP_LOGPROBS,
     ChatMessage,
     GenerationRequest,
+    ResponseFormat,
     TokenLogprob,
     build_generation_request,
     build_sampling_params,
@@ -18,7 +20,7 @@ from server.engine.types import (
 from server.errors import InvalidArgument
 
 #: Request fields this server does not implement yet: a request that sets one gets 400 naming it.
-UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call",
                "echo", "best_of", "suffix", "logit_bias", "parallel_tool_calls", "audio", "modalities",
                "prediction")
 #: Accepted only at their neutral value.
@@ -114,6 +116,39 @@ def _logprob_fields(body: dict, chat: bool) -> dict:
     return {"logprobs": wanted, "top_logprobs": k} if wanted else {}
 
 
+def _response_format(body: dict) -> ResponseFormat | None:
+    """The engine's structured-output constraint from OpenAI's ``response_format`` — ``{"type": "text"}`` (none),
+    ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`` — or
+    from vLLM's extra parameters ``guided_regex`` (a regex) / ``guided_choice`` (a list of strings). At most one
+    may be set. Raises :class:`InvalidArgument` naming the parameter."""
+    found = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise InvalidArgument("must be an object with type text, json_object or json_schema",
+                                  field="response_format")
+        if fmt["type"] == "json_object":
+            found.append(ResponseFormat("json_object"))
+        elif fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+                raise InvalidArgument("needs json_schema.schema, a JSON Schema object",
+                                      field="response_format.json_schema.schema")
+            found.append(ResponseFormat("json_schema", json.dumps(spec["schema"])))
+    regex = _get(body, "guided_regex", "str")
+    if regex is not None:
+        found.append(ResponseFormat("regex", regex))
+    choice = body.get("guided_choice")
+    if choice is not None:
+        if not isinstance(choice, list) or not all(isinstance(c, str) for c in choice):
+            raise InvalidArgument("must be a list of strings", field="guided_choice")
+        found.append(ResponseFormat("choice", choices=tuple(choice)))
+    if len(found) > 1:
+        raise InvalidArgument("set at most one of response_format, guided_regex, guided_choice",
+                              field="response_format")
+    return found[0] if found else None
+
+
 def is_stream(body: dict) -> bool:
     return bool(_get(body, "stream", "bool"))
 
@@ -123,10 +158,10 @@ def generation_request(body: dict, *, chat: bool, adapter_id: str, max_new_token
     """The engine request of a ``/v1/completions`` (``chat`` False) or ``/v1/chat/completions`` body; ``model``
     is already resolved to ``adapter_id`` ("" = base). Raises :class:`InvalidArgument` naming the OpenAI
     parameter (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``logprobs``, ``top_logprobs``,
-    ``prompt``, ``messages``, or an unsupported one)."""
+    ``response_format``, ``guided_regex``, ``guided_choice``, ``prompt``, ``messages``, or an unsupported one)."""
     _check_unsupported(body)
     is_stream(body)
-    fields: dict = {"stop": _stop(body), **_logprob_fields(body, chat)}
+    fields: dict = {"stop": _stop(body), **_logprob_fields(body, chat), "response_format": _response_format(body)}
     max_tokens = _get(body, "max_tokens", "int")
     if chat and max_tokens is None:
         max_tokens = _get(body, "max_completion_tokens", "int")

@@ -369,6 +369,35 @@ def logprob_scores(logits: torch.Tensor, st: SamplingTensors, rows: torch.Tensor
     return torch.log_softmax((x - x.amax(dim=-1, keepdim=True)) / temperature, dim=-1).to(torch.float32)
 
 
+def allowed_to_device(bitmask, device: torch.device | str) -> torch.Tensor:
+    """A host ``[B, W]`` int32 allowed-token bitmask (numpy or torch) on ``device`` in one copy without a sync:
+    pinned staging + a non-blocking transfer on CUDA, so filling the next step's mask never waits for the device."""
+    t = torch.as_tensor(bitmask, dtype=torch.int32)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Set every token a row's grammar forbids to ``-inf`` (structured output, :mod:`server.engine.grammar`).
+
+    Args:
+        logits: ``[B, V]`` logits, any float dtype and device.
+        allowed: ``[B, W]`` int32 on the logits' device, ``W >= ceil(V / 32)``: token ``t`` of row ``b`` is
+            allowed iff bit ``t % 32`` of ``allowed[b, t // 32]`` is set (llguidance's / xgrammar's layout); an
+            all-ones row (-1) leaves its logits unchanged.
+
+    Returns:
+        ``[B, V]`` new logits (the input is not modified: it may be a captured graph's output buffer). Elementwise
+        on the device: a shift, an and and a ``masked_fill``; no sync.
+    """
+    b, v = logits.shape
+    shifts = torch.arange(32, device=allowed.device, dtype=torch.int32)
+    bits = ((allowed[:, :, None] >> shifts) & 1).reshape(b, -1)[:, :v]  # [B, W*32] → [B, V]
+    return logits.masked_fill(bits == 0, -math.inf)
+
+
 def select_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   seen: Sequence[Sequence[int]] | torch.Tensor | None, seeds: Sequence[int],
                   steps: Sequence[int]) -> list[int | ServerError]:
@@ -394,7 +423,7 @@ def select_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams],
                            seen: Sequence[Sequence[int]] | torch.Tensor | None, seeds: Sequence[int],
-                           steps: Sequence[int], logprobs: Sequence[int] | None = None,
+                           steps: Sequence[int], logprobs: Sequence[int] | None = None, allowed=None,
                            ) -> tuple[list[int | ServerError], list[RowLogprobs | None]]:
     """:func:`select_tokens`, plus log-probabilities for the rows that ask, still with exactly one host sync.
 
@@ -402,6 +431,10 @@ def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams
         logprobs: per row, -1 = none, ``k >= 0`` = the chosen token's log-probability and the top ``k``
             (:func:`logprob_scores`); None = no row asks. Only asking rows are computed; the tokens of every row
             are exactly :func:`select_tokens`' (a row's choice never depends on whether any row asks).
+        allowed: None, or a host ``[B, W]`` int32 allowed-token bitmask (:func:`apply_allowed`; structured
+            output): forbidden tokens get ``-inf`` before everything else, so they are never chosen, their
+            probability is 0 and top log-probabilities list only allowed tokens (fewer than ``k`` when fewer are
+            allowed). A row that allows nothing fails with :class:`NonFiniteLogits`.
 
     Returns:
         ``(tokens, row_logprobs)``: ``tokens`` as :func:`select_tokens`; ``row_logprobs[b]`` a
@@ -415,6 +448,8 @@ def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams
         st, errors = sampling_tensors(params, seen, seeds, steps, logits.device)
         if logits.dim() != 2 or logits.shape[0] != b:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {b} rows")
+        if allowed is not None:
+            logits = apply_allowed(logits, allowed_to_device(allowed, logits.device))
         if not st.any_sampled and st.seen is None:  # fast path: argmax + validity
             tokens, status = logits.argmax(dim=-1), torch.where(_valid_rows(logits), OK, NON_FINITE)
         else:
@@ -459,5 +494,7 @@ def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams
         if isinstance(out[i], int):
             k = min(logprobs[i], k_max)
             base = j * k_max
-            row_lps[i] = RowLogprobs(chosen_list[j], tuple((int(ids[base + m]), values[base + m]) for m in range(k)))
+            # a token the grammar forbids (-inf) is not a likely alternative: list only tokens that can occur
+            row_lps[i] = RowLogprobs(chosen_list[j], tuple((int(ids[base + m]), values[base + m]) for m in range(k)
+                                                           if values[base + m] != -math.inf))
     return out, row_lps

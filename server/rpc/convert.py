@@ -15,6 +15,7 @@ from server.engine.types import (
     GenerationRequest,
     MAX_REQUEST_ID_LENGTH,  # noqa: F401 (re-exported)
     GenerationResult,
+    ResponseFormat,
     SamplingParams,
     Timings,
     TokenLogprob,
@@ -55,7 +56,36 @@ def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: in
     for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
         if msg.HasField(name):
             fields[name] = getattr(msg, name)
+    if msg.HasField("response_format"):
+        fields["response_format"] = response_format_from_proto(msg.response_format)
     return build_sampling_params(fields, max_new_tokens_limit, **stop_limits)
+
+
+def response_format_from_proto(msg: pb.ResponseFormat) -> ResponseFormat:
+    """``ResponseFormat`` → the plain one (shape checked later by :meth:`ResponseFormat.validate`). Raises
+    :class:`InvalidArgument`: ``response_format`` when no format is set, ``response_format.json_object`` when it
+    is false."""
+    kind = msg.WhichOneof("format")
+    if kind is None:
+        raise InvalidArgument("set one of json_schema, json_object, regex, choice", field="response_format")
+    if kind == "json_object":
+        if not msg.json_object:
+            raise InvalidArgument("must be true when set", field="response_format.json_object")
+        return ResponseFormat("json_object")
+    if kind == "choice":
+        return ResponseFormat("choice", choices=tuple(msg.choice.values))
+    return ResponseFormat(kind, getattr(msg, kind))
+
+
+def response_format_to_proto(fmt: ResponseFormat) -> pb.ResponseFormat:
+    """The plain response format → ``ResponseFormat`` (the inverse of :func:`response_format_from_proto`)."""
+    if fmt.kind == "json_object":
+        return pb.ResponseFormat(json_object=True)
+    if fmt.kind == "choice":
+        return pb.ResponseFormat(choice=pb.Choices(values=list(fmt.choices)))
+    if fmt.kind in ("json_schema", "regex"):
+        return pb.ResponseFormat(**{fmt.kind: fmt.value})
+    raise InvalidArgument(f"unknown response format {fmt.kind!r}", field="response_format")
 
 
 def chat_messages_from_proto(messages) -> tuple[ChatMessage, ...]:
@@ -156,6 +186,8 @@ def generate_request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
     _set_field(msg, "temperature", p.temperature)
     _set_field(msg, "top_k", p.top_k)
     _set_field(msg, "top_logprobs", p.top_logprobs)
+    if p.response_format is not None:
+        msg.response_format.CopyFrom(response_format_to_proto(p.response_format))
     defaults = SamplingParams()
     for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
         value = getattr(p, name)

@@ -11,6 +11,7 @@ from rpc_fakes import PROMPT_EXHAUST
 
 from server.cli import build_parser, config_from_args
 from server.config import ServerConfig
+from server.engine.types import ResponseFormat
 from server.errors import InvalidArgument
 
 
@@ -74,7 +75,6 @@ def test_unknown_model_is_not_found(client):
 
 
 @pytest.mark.parametrize("param, kw", [
-    ("response_format", {"response_format": {"type": "json_object"}}),
     ("n", {"n": 2}),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
 ])
@@ -141,3 +141,34 @@ def test_http_port_flag_is_validated():
     with pytest.raises(InvalidArgument, match="tls-cert") as info:  # no plaintext port beside an encrypted one
         ServerConfig(http_port=8000, tls_cert="cert.pem", tls_key="key.pem")
     assert info.value.field == "http_port"
+
+
+@pytest.mark.parametrize("kw, want", [
+    ({"response_format": {"type": "json_object"}}, ResponseFormat("json_object")),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "strict": True,
+                                                                 "schema": {"type": "object"}}}},
+     ResponseFormat("json_schema", '{"type": "object"}')),
+    ({"response_format": {"type": "text"}}, None),
+    ({"extra_body": {"guided_regex": "[a-z]+"}}, ResponseFormat("regex", "[a-z]+")),
+    ({"extra_body": {"guided_choice": ["yes", "no"]}}, ResponseFormat("choice", choices=("yes", "no"))),
+])
+def test_response_format_reaches_the_engine(client, app, kw, want):
+    client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], **kw)
+    assert app.engine.submitted[-1].params.response_format == want
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p"}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": [1]}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}}, "response_format"),
+    ({"extra_body": {"guided_choice": "yes"}}, "guided_choice"),
+    ({"extra_body": {"guided_choice": []}}, "response_format.choice"),
+    ({"extra_body": {"guided_regex": 5}}, "guided_regex"),
+])
+def test_bad_response_formats_name_the_param(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], **kw)
+    assert info.value.param == param, info.value.message

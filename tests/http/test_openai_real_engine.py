@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import openai
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
@@ -12,7 +15,7 @@ import torch  # noqa: E402
 
 from server.app import build_app  # noqa: E402
 from server.config import EngineConfig, ModelConfig, ServerConfig  # noqa: E402
-from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from server.engine.types import GenerationRequest, ResponseFormat, SamplingParams  # noqa: E402
 from server.http.server import HttpServer, bind_http_socket  # noqa: E402
 from server.model.base import BaseModelInfo  # noqa: E402
 from server.rpc.client import Client  # noqa: E402
@@ -21,12 +24,21 @@ from tests.tiny import TINY_NAME, load_nf4, make_adapter, save_tiny_base  # noqa
 from tests.tiny_tokenizer import byte_tokenizer  # noqa: E402
 
 
+class Pet(BaseModel):
+    """A bounded object (enum, small integer, short lowercase string) so a random model completes it in time."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"x-guidance": {"whitespace_flexible": False}})
+    kind: Literal["cat", "dog"]
+    age: int = Field(ge=0, le=30)
+    name: str = Field(pattern="^[a-z]{1,5}$")
+
+
 def test_adapter_by_model_matches_grpc_generate(tmp_path):
     base_dir = save_tiny_base(tmp_path)
     adapter_dir = make_adapter(base_dir, tmp_path / "src-a", seed=3)
     config = ServerConfig(model=ModelConfig(model=str(base_dir), device="cpu"),
                           engine=EngineConfig(adapter_slots=2, cpu_adapter_cache=2, max_lora_rank=8,
-                                              max_new_tokens=16),
+                                              max_new_tokens=64),
                           adapters_dir=tmp_path / "store", grpc_workers=4)
     info = BaseModelInfo(name=TINY_NAME, path=str(base_dir), device=torch.device("cpu"), weight_bytes=0,
                          model_type="llama", max_positions=128)
@@ -74,6 +86,25 @@ def test_adapter_by_model_matches_grpc_generate(tmp_path):
             assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
             assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
             assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)  # greedy: the top one
+
+        # Structured output: the official client's own parse() (a pydantic model → strict json_schema), sampled
+        # from a random tiny model, still gives a valid object; a schema that does not compile is a 400.
+        parsed = oai.chat.completions.parse(model="alpha", messages=[{"role": "user", "content": "hi"}],
+                                            response_format=Pet, max_tokens=64, temperature=1.0, seed=4)
+        pet = parsed.choices[0].message.parsed
+        assert isinstance(pet, Pet) and parsed.choices[0].finish_reason == "stop"
+        with pytest.raises(openai.BadRequestError) as info:
+            oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
+                                        response_format={"type": "json_schema",
+                                                         "json_schema": {"name": "x", "schema": {"type": "foo"}}})
+        assert info.value.param == "response_format.json_schema" and "foo" in info.value.message
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            fmt = ResponseFormat("choice", choices=("cat", "dog", "fish"))
+            want = client.generate(GenerationRequest(request_id="", adapter_id="alpha", prompt="pet:",
+                                                     params=SamplingParams(max_new_tokens=8, response_format=fmt)))
+        got = oai.completions.create(model="alpha", prompt="pet:", max_tokens=8, temperature=0,
+                                     extra_body={"guided_choice": ["cat", "dog", "fish"]})
+        assert got.choices[0].text == want.text and want.text in ("cat", "dog", "fish")
     finally:
         http.stop()
         grpc_server.stop(None)

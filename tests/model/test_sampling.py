@@ -503,3 +503,57 @@ def test_a_failing_row_gets_no_logprobs():
     logits[1, 3] = math.nan
     tokens, lps = select_tokens_logprobs(logits, [SamplingParams()] * 2, None, [0, 0], [0, 0], [2, 2])
     assert isinstance(tokens[1], NonFiniteLogits) and lps[1] is None and lps[0] is not None
+
+
+# --- allowed-token bitmasks (structured output) ------------------------------------------------------------------------
+
+@given(b=st.integers(1, 4), v=st.integers(1, 100), extra_words=st.integers(0, 2), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_apply_allowed_matches_a_naive_bit_loop(b, v, extra_words, data):
+    """Bit ``t % 32`` of word ``t // 32`` allows token t (llguidance's layout), for any V (not only multiples of
+    32), extra words past the vocabulary ignored; other logits are untouched."""
+    words = (v + 31) // 32 + extra_words
+    raw = data.draw(st.lists(st.lists(st.integers(-2**31, 2**31 - 1), min_size=words, max_size=words),
+                             min_size=b, max_size=b))
+    mask = torch.tensor(raw, dtype=torch.int32)
+    logits = torch.randn(b, v, dtype=torch.bfloat16)
+    out = sampling.apply_allowed(logits, mask)
+    for i in range(b):
+        for t in range(v):
+            allowed = (raw[i][t // 32] >> (t % 32)) & 1
+            assert out[i, t].item() == (logits[i, t].item() if allowed else -math.inf)
+    assert out.dtype == logits.dtype
+
+
+def test_select_tokens_never_picks_a_forbidden_token():
+    """With a mask allowing only the two least likely tokens, greedy and sampled rows choose among those two, and
+    a row that allows nothing fails alone (NonFiniteLogits)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 64)
+    lowest = logits.argsort(dim=-1)[:, :2]
+    mask = torch.zeros(3, 2, dtype=torch.int32)
+    for row in range(2):
+        for t in lowest[row].tolist():
+            mask[row, t // 32] |= (1 << (t % 32)) if t % 32 != 31 else -2**31
+    params = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams()]
+    for step in range(20):
+        tokens = sampling.select_tokens_logprobs(logits, params, None, [7, 7, 7], [step] * 3, allowed=mask)[0]
+        assert tokens[0] == lowest[0][logits[0, lowest[0]].argmax()].item()
+        assert tokens[1] in lowest[1].tolist()
+        assert isinstance(tokens[2], sampling.NonFiniteLogits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mask_needs_no_host_sync():
+    """Copying a step's bitmask to the device and applying it never waits for the device (CUDA's sync debug mode
+    raises on any synchronizing call)."""
+    logits = torch.randn(8, 49152, device="cuda")
+    mask = torch.randint(-2**31, 2**31 - 1, (8, 49152 // 32), dtype=torch.int32).numpy()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sampling.apply_allowed(logits, sampling.allowed_to_device(mask, logits.device))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expect = sampling.apply_allowed(logits.cpu(), torch.from_numpy(mask))
+    assert torch.equal(out.cpu(), expect)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from server.adapters.types import AdapterInfo
 from server.engine.types import (MAX_TOP_LOGPROBS, ChatMessage, GenerationEvent, GenerationRequest,
-                                 GenerationResult, SamplingParams, Timings, TokenLogprob, TopLogprob)
+                                 GenerationResult, ResponseFormat, SamplingParams, Timings, TokenLogprob, TopLogprob)
 from server.errors import InvalidArgument
 from server.rpc import convert
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
@@ -118,6 +118,37 @@ def test_logprobs_fields_default_off_round_trip_and_are_validated():
     assert convert.generation_request_from_proto(wire, default_request_id="x", max_new_tokens_limit=LIMIT) == req
 
 
+_formats = st.one_of(
+    st.builds(lambda t: ResponseFormat("json_schema", t), st.sampled_from(['{"type": "object"}', "true",
+                                                                         '{"enum": ["a\\"b", "é"]}'])),
+    st.just(ResponseFormat("json_object")),
+    st.builds(lambda t: ResponseFormat("regex", t), st.text(min_size=1, max_size=20)),
+    st.builds(lambda c: ResponseFormat("choice", choices=tuple(c)),
+              st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=5)),
+)
+
+
+@given(fmt=_formats)
+@settings(max_examples=50, deadline=None)
+def test_response_format_round_trips_through_the_wire(fmt):
+    req = GenerationRequest(request_id="r", prompt="p", params=SamplingParams(max_new_tokens=5, response_format=fmt))
+    wire = pb.GenerateRequest.FromString(convert.generate_request_to_proto(req).SerializeToString())
+    assert convert.generation_request_from_proto(wire, default_request_id="x", max_new_tokens_limit=LIMIT) == req
+
+
+@pytest.mark.parametrize("fmt, field", [
+    (pb.ResponseFormat(), "response_format"),
+    (pb.ResponseFormat(json_object=False), "response_format.json_object"),
+    (pb.ResponseFormat(json_schema="{oops"), "response_format.json_schema"),
+    (pb.ResponseFormat(json_schema="[]"), "response_format.json_schema"),
+    (pb.ResponseFormat(regex=""), "response_format.regex"),
+    (pb.ResponseFormat(choice=pb.Choices()), "response_format.choice"),
+    (pb.ResponseFormat(choice=pb.Choices(values=["a", ""])), "response_format.choice"),
+])
+def test_bad_response_formats_name_the_field(fmt, field):
+    assert _field_error(pb.GenerateRequest(prompt="p", response_format=fmt)) == field
+
+
 LOGPROBS = (TokenLogprob(5, "a", -0.5, (TopLogprob(5, "a", -0.5), TopLogprob(7, "<s>", -1.25))),
             TokenLogprob(9, " b", -float("inf"), ()))
 
@@ -203,7 +234,11 @@ def test_client_request_out_of_wire_range_names_the_field(name, value):
     req = GenerationRequest("r", prompt="x", params=dataclasses.replace(SamplingParams(), **{name: value}))
     lo, hi = WIRE_RANGES[name]
     if lo <= value <= hi:
-        assert getattr(convert.generate_request_to_proto(req), name) == value
+        msg = convert.generate_request_to_proto(req)
+        if name == "max_new_tokens" and value == SamplingParams().max_new_tokens:
+            assert not msg.HasField(name)  # the default is left unset (the server applies its own, capped one)
+        else:
+            assert getattr(msg, name) == value
     else:
         with pytest.raises(InvalidArgument) as info:
             convert.generate_request_to_proto(req)
