@@ -17,6 +17,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+#: The answer's JSON Schema (structured output's ``response_format``): the four fields, each required, nothing
+#: else; strings at most 40 characters and a plausible age, so a model that starts repeating itself inside a string
+#: (the base SmolLM2 does on one held-out prompt) is made to close it and still gives a complete object.
+SCHEMA = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 40},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                         "job": {"type": "string", "maxLength": 40}, "city": {"type": "string", "maxLength": 40}},
+          "required": ["name", "age", "job", "city"], "additionalProperties": False}
+
+
+def schema_valid(reply: str) -> bool:
+    """Whether the reply (surrounding whitespace ignored) is JSON valid against :data:`SCHEMA` (checked with the
+    ``jsonschema`` package, an oracle independent of the server's grammar engine)."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(reply.strip()), SCHEMA)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
 def check_reply(reply: str, expected: dict) -> tuple[bool, bool]:
     """Return ``(valid_json_object, exact_match)``: the reply (surrounding whitespace ignored) must parse as one
     JSON object equal to ``expected`` — same keys, same values, same types (age an int)."""
