@@ -7,7 +7,7 @@ A keys file (JSON or YAML) lists who may call the server; it holds SHA-256 hashe
         sha256: 9f86d08…          # sha256 of the key (`qlora-server keys hash` prints it)
         role: trainer             # inference | trainer | admin
         scopes: ["acme-"]         # adapter-id prefixes; absent or [] = every adapter
-        requests_per_second: 5    # optional per-key limits (``server.rpc.ratelimit`` enforces them):
+        requests_per_second: 5    # optional per-key limits (``server.ratelimit`` enforces them):
         tokens_per_minute: 20000  #   float > 0, int > 0 and int >= 1 (concurrent Generation RPCs)
         max_concurrent: 2
 
@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 INFERENCE, TRAINER, ADMIN = "inference", "trainer", "admin"
 ROLES = (INFERENCE, TRAINER, ADMIN)
+#: The roles each kind of operation allows, for the gRPC methods and the HTTP routes alike.
+ANY_ROLE = frozenset(ROLES)  # reading the adapters a key may see: ListAdapters, GetAdapter, GET /v1/models
+GENERATE_ROLES = frozenset({INFERENCE, ADMIN})  # Generation RPCs, POST /v1/completions, /v1/chat/completions
+TRAIN_ROLES = frozenset({TRAINER, ADMIN})  # registering, uploading, unregistering adapters; training jobs
 SCOPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}[-._]$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -71,8 +75,9 @@ class Principal:
 
 
 def hash_key(key: str) -> str:
-    """The hex SHA-256 of ``key`` (UTF-8) as the keys file stores it."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """The hex SHA-256 of ``key`` (UTF-8) as the keys file stores it. Never raises for a ``str``: a lone surrogate
+    (no valid key holds one) is encoded as is rather than failing."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # --- scope checks: the one place every adapter id and job of an RPC is judged ----------------------------------------

@@ -79,12 +79,14 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help="Prometheus exposition port; 0 picks a free one, -1 disables it (default 9400)")
     p.add_argument("--http-port", type=int_in(0, 65535), default=None,
                    help="also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
-                   "/v1/chat/completions) on this port, plaintext; 0 picks a free one (default: off; not yet with "
-                   "--api-keys-file)")
+                   "/v1/chat/completions) on this port; 0 picks a free one (default: off). Same security as gRPC: "
+                   "--api-keys-file keys as 'Authorization: Bearer KEY', HTTPS with --tls-cert/--tls-key, client "
+                   "certificates with --tls-client-ca")
     p.add_argument("--metrics-host", default=None,
                    help="address the metrics endpoint binds (default: --host); metrics stay plaintext HTTP")
     p.add_argument("--tls-cert", type=Path, default=None,
-                   help="PEM certificate (chain): serve gRPC over TLS (with --tls-key; default plaintext)")
+                   help="PEM certificate (chain): serve gRPC (and --http-port) over TLS (with --tls-key; default "
+                        "plaintext)")
     p.add_argument("--tls-key", type=Path, default=None, help="unencrypted PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, default=None,
                    help="PEM CA bundle: mutual TLS, clients must present a certificate it signed")
@@ -139,8 +141,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain text")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs (off by default)")
     p.add_argument("--api-keys-file", type=Path, default=None,
-                   help="JSON/YAML file of API-key hashes and roles (README: Security); reloaded on SIGHUP; "
-                        "default: no keys, every RPC open")
+                   help="JSON/YAML file of API-key hashes and roles (README: Security), for gRPC and --http-port; "
+                        "reloaded on SIGHUP; default: no keys, every RPC open")
     p.add_argument("--allowed-path", type=Path, action="append", default=[], metavar="DIR",
                    help="a root RegisterAdapter and CreateTrainingJob may read server paths under (repeatable); "
                         "default: any path without keys, none (upload only) with --api-keys-file")
@@ -468,21 +470,28 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
     httpd = grpc_server = app = http_sock = http_server = None
     restore_hup = None
     drain = new_drain()
+    gate = None
     try:
         keys = _load_security(config)
-        if keys is not None and threading.current_thread() is threading.main_thread():
-            from server.auth import reload_on_sighup
+        if keys is not None:
+            from server.access import Gate
 
-            restore_hup = reload_on_sighup(keys)
+            gate = Gate(keys)  # one gate for gRPC and HTTP: the same keys (reloaded together) and per-key limits
+            if threading.current_thread() is threading.main_thread():
+                from server.auth import reload_on_sighup
+
+                restore_hup = reload_on_sighup(keys)
         grpc_server, port = bind_grpc_server(config.host, config.port, workers=config.rpc_workers, metrics=metrics,
-                                             keys=keys, limits=rpc_limits(config), credentials=server_credentials(config),
+                                             keys=gate, limits=rpc_limits(config),
+                                             credentials=server_credentials(config),
                                              max_message_bytes=config.max_message_bytes, drain=drain)
         httpd, metrics_note = _start_metrics_endpoint(config, metrics.registry)
         if config.http_port is not None:
             from server.http.server import bind_http_socket
 
             http_sock = bind_http_socket(config.host, config.http_port)
-            metrics_note += f", OpenAI-compatible HTTP on :{http_sock.getsockname()[1]}"
+            scheme = "HTTPS" if config.tls_cert is not None else "HTTP"
+            metrics_note += f", OpenAI-compatible {scheme} on :{http_sock.getsockname()[1]}"
         address = format_address(config.host, port)
         log_transport(config, address, log)
         log.info("bound %s (%s); loading base model %s", address, metrics_note, config.model.model)
@@ -520,10 +529,10 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
 
     grpc_server.start()
     if http_sock is not None:
-        from server.http.server import HttpServer
+        from server.http.server import HttpServer, log_http_transport
 
         try:
-            http_server = HttpServer(app, http_sock).start()
+            http_server = HttpServer(app, http_sock, gate).start()
         except BaseException as exc:
             grpc_server.stop(None)
             app.close()
@@ -532,7 +541,7 @@ def serve(config: ServerConfig, stop: threading.Event, *, grace_seconds: float =
             if restore_hup is not None:
                 restore_hup()
             return _startup_error(exc) if isinstance(exc, Exception) else 1
-        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", config.host, http_server.port)
+        log_http_transport(config, http_server, gate is not None, log)
     log.info("serving on %s (%s)", address, metrics_note)
     announce(f"qlora-server listening on {address} ({metrics_note})")
     try:

@@ -192,22 +192,23 @@ class ServerConfig:
             default and keeps upload chunks below it.
         log_json: write request logs as JSON lines instead of plain text.
         log_prompts: include prompt text in request logs (off by default).
-        api_keys_file: JSON/YAML keys file (``server.auth``); None = auth off (every RPC open).
+        api_keys_file: JSON/YAML keys file (``server.auth``), for gRPC and the HTTP API; None = auth off (every RPC
+            and HTTP request open).
         allowed_paths: roots RegisterAdapter and CreateTrainingJob may read server paths under; empty = any path
             when auth is off, none (upload only) when it is on.
         metrics_host: address the metrics endpoint binds; None = the gRPC ``host``.
-        tls_cert / tls_key: PEM certificate (chain) and unencrypted private key: serve gRPC over TLS. Both or
-            neither; None = plaintext (a warning at start-up unless ``host`` is loopback). Read and checked at
-            start-up (``server.rpc.tls.server_credentials``).
-        tls_client_ca: PEM CA bundle: mutual TLS, every client must present a certificate it signed. Needs
-            ``tls_cert`` and ``tls_key``.
+        tls_cert / tls_key: PEM certificate (chain) and unencrypted private key: serve gRPC (and the HTTP API) over
+            TLS. Both or neither; None = plaintext (a warning at start-up unless ``host`` is loopback). Read and
+            checked at start-up (``server.rpc.tls.server_credentials``).
+        tls_client_ca: PEM CA bundle: mutual TLS (gRPC and HTTP), every client must present a certificate it
+            signed. Needs ``tls_cert`` and ``tls_key``.
         training_share_base: training jobs train on the server's resident NF4 base, shared read-only with their
             worker process (``server.training.shared_base``), instead of each loading its own copy; when sharing
             is impossible jobs load their own with a logged reason.
         training: memory, thread and priority budgets of training jobs.
-        http_port: port of the OpenAI-compatible HTTP API (``server.http``, plaintext, bound on ``host``); 0 picks
-            a free one; None = off. Not yet combined with ``api_keys_file`` or ``tls_cert`` (refused: it has neither
-            key checks nor TLS).
+        http_port: port of the OpenAI-compatible HTTP API (``server.http``, bound on ``host``); 0 picks a free one;
+            None = off. It takes the gRPC port's security: the keys of ``api_keys_file`` (``Authorization: Bearer``)
+            and HTTPS with ``tls_cert`` / ``tls_key`` (client certificates required with ``tls_client_ca``).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -237,11 +238,6 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
         _require(self.http_port is None or 0 <= self.http_port <= 65535, "http_port", "must be 0..65535")
-        _require(self.http_port is None or self.api_keys_file is None, "http_port",
-                 "the HTTP API does not check API keys yet: --http-port cannot be combined with --api-keys-file")
-        _require(self.http_port is None or self.tls_cert is None, "http_port",
-                 "the HTTP API has no TLS yet: --http-port cannot be combined with --tls-cert (it would open a "
-                 "plaintext port beside the encrypted one)")
         _require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1..65535")
         _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
         _require(self.grpc_workers >= 0, "grpc_workers", "must be >= 0 (0 = enough for every queued request)")

@@ -1,9 +1,15 @@
-"""The FastAPI application: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``."""
+"""The FastAPI application: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+
+With a :class:`server.access.Gate` (``serve --api-keys-file``) every ``/v1/`` request needs ``Authorization: Bearer
+<key>``, checked before routing and before the body is read (:class:`KeyCheck`); the routes apply the key's roles,
+tenant scopes and rate limits exactly as the gRPC methods they mirror (:data:`ROLES_BY_ROUTE`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -11,23 +17,83 @@ from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.access import Gate, bearer_token
+from server.auth import ANY_ROLE, GENERATE_ROLES, Principal, require_adapter, visible
 from server.engine.engine import collect_result
-from server.errors import Cancelled, InvalidArgument, NotFound, ServerError
+from server.errors import Cancelled, InvalidArgument, NotFound, ServerError, Unauthenticated
 from server.http import convert
-from server.http.errors import ModelNotFound, error_response
+from server.http.errors import ModelNotFound, error_headers, error_response
 
 log = logging.getLogger(__name__)
 
+#: Roles allowed per route: those of the gRPC method each mirrors (``GET /v1/models`` as ListAdapters, the
+#: completions as Generate). A ``/v1/`` route not listed (a 404 or 405 to come) needs a key of any role.
+ROLES_BY_ROUTE: dict[str, frozenset[str]] = {
+    "GET /v1/models": ANY_ROLE,
+    "POST /v1/completions": GENERATE_ROLES,
+    "POST /v1/chat/completions": GENERATE_ROLES,
+}
+GUARDED_PREFIX = "/v1/"
+_OTHER_ROUTE = "an unlisted /v1/ route"  # what logs and messages call it (the path itself is the client's text)
+_PRINCIPAL = "qlora_principal"  # key of the caller in the ASGI scope's ``state``
+_KEY_HINT = "header 'Authorization: Bearer <key>'"
 
-def build_http_app(app) -> FastAPI:
+
+def _json_error(exc: Exception) -> JSONResponse:
+    status, body = error_response(exc)
+    return JSONResponse(body, status_code=status, headers=error_headers(exc))
+
+
+class KeyCheck:
+    """ASGI middleware: a ``/v1/`` request without a known key (401) or of a role the route does not allow (403)
+    is answered here, before routing and before its body is read; otherwise the caller's
+    :class:`server.auth.Principal` goes into the scope's ``state`` for the route (:func:`caller`)."""
+
+    def __init__(self, app, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(GUARDED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        route = f"{scope['method']} {scope['path']}"
+        if route not in ROLES_BY_ROUTE:
+            route = _OTHER_ROUTE
+        headers = [value.decode("latin-1") for name, value in scope["headers"] if name.lower() == b"authorization"]
+        client = scope.get("client")
+        try:
+            principal = self.gate.authorize(bearer_token(headers), route, ROLES_BY_ROUTE.get(route, ANY_ROLE),
+                                            hint=_KEY_HINT, peer=f"{client[0]}:{client[1]}" if client else "")
+        except ServerError as exc:
+            await _json_error(exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[_PRINCIPAL] = principal
+        await self.app(scope, receive, send)
+
+
+def caller(request: Request, gate: Gate | None) -> Principal | None:
+    """The principal :class:`KeyCheck` put on ``request`` (None when ``gate`` is None: keys off). Raises
+    :class:`Unauthenticated` if keys are on and there is none (the middleware was bypassed)."""
+    if gate is None:
+        return None
+    principal = request.scope.get("state", {}).get(_PRINCIPAL)
+    if not isinstance(principal, Principal):
+        raise Unauthenticated("missing API key: send " + _KEY_HINT)
+    return principal
+
+
+def build_http_app(app, gate: Gate | None = None) -> FastAPI:
     """The OpenAI-compatible API over ``app`` (``server.app.App`` or a fake with ``config``, ``engine``,
-    ``store``, ``base_info``)."""
+    ``store``, ``base_info``). With ``gate``, every ``/v1/`` request needs a key (:class:`KeyCheck`): the same
+    keys, roles, tenant scopes and per-key rate limits as the gRPC port sharing ``gate``; None = open."""
     api = FastAPI(title="qlora-server OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    if gate is not None:
+        api.add_middleware(KeyCheck, gate=gate)
 
     @api.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError):
-        status, body = error_response(exc)
-        return JSONResponse(body, status_code=status)
+        return _json_error(exc)
 
     @api.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError):
@@ -40,91 +106,156 @@ def build_http_app(app) -> FastAPI:
         status, body = error_response(exc)
         return JSONResponse(body, status_code=status)
 
-    def resolve(model) -> str:
-        """The adapter id ``model`` names ("" for the base model)."""
+    def resolve(model, principal: Principal | None) -> str:
+        """The adapter id ``model`` names ("" for the base model, open to every key that may generate). An adapter
+        outside ``principal``'s scopes is 404 ``model_not_found`` exactly like a missing one (gRPC: NOT_FOUND)."""
         if not isinstance(model, str) or not model:
             raise InvalidArgument("must name the base model or a registered adapter", field="model")
         if model == app.base_info.name:
             return ""
         try:
+            require_adapter(principal, model)
             app.store.get(model)
         except NotFound:
             raise ModelNotFound(model) from None
         return model
 
     @api.get("/v1/models")
-    def models() -> dict:
+    def models(request: Request) -> dict:
+        principal = caller(request, gate)
+        if gate is not None:
+            gate.admit(principal, generation=False)
         created = int(time.time())
-        ids = [app.base_info.name] + sorted(i.adapter_id for i in app.store.list())
+        ids = [app.base_info.name] + sorted(i.adapter_id for i in visible(principal, app.store.list()))
         return {"object": "list",
                 "data": [{"id": i, "object": "model", "created": created, "owned_by": "qlora-server"} for i in ids]}
 
-    def generate(body: dict, chat: bool):
-        adapter_id = resolve(body.get("model"))
-        limits = app.config.engine
-        req = convert.generation_request(body, chat=chat, adapter_id=adapter_id,
-                                         max_new_tokens_limit=limits.max_new_tokens,
-                                         max_stop_strings=limits.max_stop_strings,
-                                         max_stop_chars=limits.max_stop_chars)
-        stream = app.engine.submit(req)
-        model = body["model"]
-        asked = req.params.wants_logprobs
-        if convert.is_stream(body):
-            return StreamingResponse(_sse(stream, chat, req.request_id, model, asked),
-                                     media_type="text/event-stream")
-        finished = False
+    def generate(request: Request, body: dict, chat: bool):
+        """Admit the request against the caller's limits (a generation slot, given back when it ends), then run
+        it: a whole body, or server-sent events when ``stream`` is set."""
+        principal = caller(request, gate)
+        slot = None if gate is None else gate.admit(principal, generation=True)
+        tokens = 0
+        handed_off = False  # the event stream finishes the slot
         try:
-            result = collect_result(stream, req.request_id)
-            finished = True
-            return convert.completion_body(
-                chat=chat, request_id=req.request_id, model=model, text=result.text, reason=result.finish_reason,
-                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                logprobs=convert.logprobs_body(result.logprobs, chat=chat, asked=asked))
+            adapter_id = resolve(body.get("model"), principal)
+            limits = app.config.engine
+            req = convert.generation_request(body, chat=chat, adapter_id=adapter_id,
+                                             max_new_tokens_limit=limits.max_new_tokens,
+                                             max_stop_strings=limits.max_stop_strings,
+                                             max_stop_chars=limits.max_stop_chars)
+            stream = app.engine.submit(req)
+            model = body["model"]
+            asked = req.params.wants_logprobs
+            if convert.is_stream(body):
+                events = EventStream(stream, chat, req.request_id, model, asked, slot)
+                handed_off = True
+                return EventStreamResponse(events)
+            finished = False
+            try:
+                result = collect_result(stream, req.request_id)
+                finished = True
+                tokens = result.completion_tokens
+                return convert.completion_body(
+                    chat=chat, request_id=req.request_id, model=model, text=result.text,
+                    reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    logprobs=convert.logprobs_body(result.logprobs, chat=chat, asked=asked))
+            finally:
+                if not finished:
+                    stream.cancel(Cancelled("the HTTP request ended early"))
         finally:
-            if not finished:
-                stream.cancel(Cancelled("the HTTP request ended early"))
+            if slot is not None and not handed_off:
+                slot.finish(tokens)
 
     @api.post("/v1/completions")
-    def completions(body: dict[str, Any] = Body(...)):
-        return generate(body, chat=False)
+    def completions(request: Request, body: dict[str, Any] = Body(...)):
+        return generate(request, body, chat=False)
 
     @api.post("/v1/chat/completions")
-    def chat_completions(body: dict[str, Any] = Body(...)):
-        return generate(body, chat=True)
+    def chat_completions(request: Request, body: dict[str, Any] = Body(...)):
+        return generate(request, body, chat=True)
 
     return api
 
 
-def _sse(stream, chat: bool, request_id: str, model: str, asked: bool = False):
-    """Server-sent events: one ``data: {chunk}`` per text delta (with its tokens' log-probabilities when
-    ``asked``), the last carrying finish_reason and usage, then ``data: [DONE]``. An error after the first byte is
-    sent as ``data: {"error": ...}``."""
-    finished = False
-    first = True
-    sent = 0  # characters streamed so far (the completions shape's text_offset)
-    try:
-        for event in stream:
-            if event.error is not None:
-                yield _data(error_response(event.error)[1])
+class EventStream:
+    """Server-sent events of one request: one ``data: {chunk}`` per text delta (with its tokens' log-probabilities
+    when ``asked``), the last carrying finish_reason and usage, then ``data: [DONE]``. An error after the first
+    byte is sent as ``data: {"error": ...}``.
+
+    :meth:`close` (idempotent, thread-safe; called when the iteration ends and when the response ends, even if the
+    client went away before the first byte) cancels the engine's request unless it finished and finishes the
+    rate-limit ``slot`` with its completion tokens (a stream that ends early: one per chunk sent, as gRPC does)."""
+
+    def __init__(self, stream, chat: bool, request_id: str, model: str, asked: bool = False, slot=None) -> None:
+        self._stream, self._chat, self._request_id, self._model, self._asked = stream, chat, request_id, model, asked
+        self._slot = slot
+        self._lock = threading.Lock()
+        self._closed = self._finished = False
+        self._tokens = self._chunks = 0
+
+    def __iter__(self):
+        chat, request_id, model, asked = self._chat, self._request_id, self._model, self._asked
+        first = True
+        sent = 0  # characters streamed so far (the completions shape's text_offset)
+        try:
+            for event in self._stream:
+                if event.error is not None:
+                    yield _data(error_response(event.error)[1])
+                    return
+                logprobs = convert.logprobs_body(event.logprobs, chat=chat, asked=asked, text_offset=sent)
+                if event.finished:
+                    self._finished = True
+                    self._tokens = event.completion_tokens
+                    yield _data(convert.chunk_body(
+                        chat=chat, request_id=request_id, model=model, text=event.text, reason=event.finish_reason,
+                        first=first, usage_=convert.usage(event.prompt_tokens, event.completion_tokens),
+                        logprobs=logprobs))
+                    yield "data: [DONE]\n\n"
+                    return
+                if event.text or event.logprobs:
+                    yield _data(convert.chunk_body(chat=chat, request_id=request_id, model=model, text=event.text,
+                                                   first=first, logprobs=logprobs))
+                    self._chunks += 1
+                    sent += len(event.text)
+                    first = False
+            yield _data(error_response(ServerError("the engine ended the request without a final event"))[1])
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the engine's request unless it finished, and give the rate-limit slot back (once)."""
+        with self._lock:
+            if self._closed:
                 return
-            logprobs = convert.logprobs_body(event.logprobs, chat=chat, asked=asked, text_offset=sent)
-            if event.finished:
-                finished = True
-                yield _data(convert.chunk_body(
-                    chat=chat, request_id=request_id, model=model, text=event.text, reason=event.finish_reason,
-                    first=first, usage_=convert.usage(event.prompt_tokens, event.completion_tokens),
-                    logprobs=logprobs))
-                yield "data: [DONE]\n\n"
-                return
-            if event.text or event.logprobs:
-                yield _data(convert.chunk_body(chat=chat, request_id=request_id, model=model, text=event.text,
-                                               first=first, logprobs=logprobs))
-                sent += len(event.text)
-                first = False
-        yield _data(error_response(ServerError("the engine ended the request without a final event"))[1])
-    finally:
-        if not finished:
-            stream.cancel(Cancelled("the HTTP client went away"))
+            self._closed = True
+        if not self._finished:
+            self._stream.cancel(Cancelled("the HTTP client went away"))
+        if self._slot is not None:
+            self._slot.finish(self._tokens or self._chunks)
+
+
+class EventStreamResponse(StreamingResponse):
+    """``text/event-stream`` of an :class:`EventStream` that is closed when the response ends however it ends
+    (done, client gone, cancelled), even if its iteration never started, and as soon as the server reports the
+    client gone: a request still waiting for its first token is cancelled then, not when a token comes."""
+
+    def __init__(self, events: EventStream) -> None:
+        super().__init__(iter(events), media_type="text/event-stream")
+        self._events = events
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def watched() -> dict:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._events.close()  # ends the iteration blocked on the engine in its worker thread
+            return message
+
+        try:
+            await super().__call__(scope, watched, send)
+        finally:
+            self._events.close()
 
 
 def _data(obj: dict) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from server.errors import ServerError
+import math
+
+from server.errors import RateLimited, ServerError
 
 #: ``ServerError.code`` → HTTP status; anything else is 500.
 STATUS_BY_CODE = {
@@ -17,8 +19,9 @@ STATUS_BY_CODE = {
     "DEADLINE_EXCEEDED": 504,
     "CANCELLED": 499,
 }
+# OpenAI answers a missing or wrong key with 401, type invalid_request_error, code invalid_api_key.
 _TYPE_BY_STATUS = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error",
-                   401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+                   401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
 class ModelNotFound(ServerError):
@@ -39,8 +42,23 @@ def error_response(exc: Exception) -> tuple[int, dict]:
     param, code = exc.field, exc.code.lower()
     if isinstance(exc, ModelNotFound) or (exc.code == "NOT_FOUND" and exc.field == "adapter_id"):
         param, code = "model", "model_not_found"  # the adapter went away between the lookup and the submit
+    elif exc.code == "UNAUTHENTICATED":
+        code = "invalid_api_key"
+    elif isinstance(exc, RateLimited):
+        code = "rate_limit_exceeded"
     message = str(exc) if status != 500 else "internal server error"
     return status, _body(message, _TYPE_BY_STATUS.get(status, "server_error"), param, code)
+
+
+def error_headers(exc: Exception) -> dict[str, str]:
+    """The headers that go with :func:`error_response` for ``exc``: ``retry-after-ms`` (milliseconds, what the
+    openai client waits first) and ``retry-after`` (whole seconds, rounded up) for a per-key rate limit
+    (:class:`RateLimited`); ``www-authenticate: Bearer`` for a missing or unknown key; else none."""
+    if isinstance(exc, RateLimited):
+        return {"retry-after-ms": str(exc.retry_after_ms), "retry-after": str(math.ceil(exc.retry_after_ms / 1000))}
+    if isinstance(exc, ServerError) and exc.code == "UNAUTHENTICATED":
+        return {"www-authenticate": "Bearer"}
+    return {}
 
 
 def _body(message: str, type_: str, param: str | None, code: str | None) -> dict:

@@ -1,11 +1,15 @@
-"""Runs the OpenAI-compatible API with uvicorn in a background thread, on a socket bound before the model loads."""
+"""Runs the OpenAI-compatible API with uvicorn in a background thread, on a socket bound before the model loads;
+HTTPS (and client certificates) with the gRPC port's ``--tls-cert`` / ``--tls-key`` (/ ``--tls-client-ca``)."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import ssl
 import threading
 
 from server.errors import FailedPrecondition
+from server.rpc.tls import is_loopback
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:
@@ -30,18 +34,42 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class HttpServer:
-    """uvicorn serving ``build_http_app(app)`` on ``sock`` in a daemon thread; :meth:`stop` ends it."""
+def tls_options(config) -> dict:
+    """uvicorn's TLS options for ``config``'s ``tls_cert`` / ``tls_key`` (the gRPC port's certificate), with
+    client certificates required and verified against ``tls_client_ca`` when set; {} (plaintext) without a cert."""
+    if getattr(config, "tls_cert", None) is None:
+        return {}
+    options = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
+    if getattr(config, "tls_client_ca", None) is not None:
+        options.update(ssl_ca_certs=str(config.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
 
-    def __init__(self, app, sock: socket.socket) -> None:
+
+class HttpServer:
+    """uvicorn serving ``build_http_app(app, gate)`` on ``sock`` in a daemon thread; :meth:`stop` ends it.
+
+    ``gate`` (a :class:`server.access.Gate`, the one the gRPC port uses) requires API keys; None = open. TLS comes
+    from ``app.config`` (:func:`tls_options`): the certificate is loaded here, so a bad file raises
+    :class:`FailedPrecondition` (field ``tls_cert``) now rather than in the server thread."""
+
+    def __init__(self, app, sock: socket.socket, gate=None) -> None:
         import uvicorn
 
         from server.http.api import build_http_app
 
         self.sock = sock
         self.port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(build_http_app(app), log_level="warning", access_log=False,
-                                                     lifespan="off"))
+        tls = tls_options(app.config)
+        #: ``https`` when served over TLS, else ``http``.
+        self.scheme = "https" if tls else "http"
+        config = uvicorn.Config(build_http_app(app, gate), log_level="warning", access_log=False, lifespan="off",
+                                **tls)
+        try:
+            config.load()  # builds the SSL context
+        except (ssl.SSLError, OSError) as exc:
+            raise FailedPrecondition(f"cannot serve HTTPS with {app.config.tls_cert}: {exc}",
+                                     field="tls_cert") from None
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="http-server",
                                         daemon=True)
 
@@ -61,3 +89,22 @@ class HttpServer:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self.sock.close()
+
+
+def log_http_transport(config, server: HttpServer, keys_on: bool, log: logging.Logger) -> None:
+    """One start-up line on the HTTP API, like the gRPC port's (``server.rpc.tls.log_transport``): its URL
+    (``https://`` over TLS), mutual TLS / TLS / plaintext and whether API keys are required; a WARNING for
+    plaintext on an address other machines can reach (keys and answers travel in the clear)."""
+    host = config.host if ":" not in config.host or config.host.startswith("[") else f"[{config.host}]"
+    where = f"OpenAI-compatible HTTP API on {server.scheme}://{host}:{server.port}/v1"
+    keys = "API keys required" if keys_on else "no API keys"
+    if config.tls_client_ca is not None:
+        log.info("%s: mutual TLS (cert %s; client certificates required, verified against %s); %s", where,
+                 config.tls_cert, config.tls_client_ca, keys)
+    elif config.tls_cert is not None:
+        log.info("%s: TLS (cert %s; client certificates not requested); %s", where, config.tls_cert, keys)
+    elif is_loopback(config.host):
+        log.info("%s: PLAINTEXT, loopback only (no TLS); %s", where, keys)
+    else:
+        log.warning("%s: PLAINTEXT on an address other machines can reach: anyone on the network can read requests, "
+                    "answers and API keys. Give --tls-cert and --tls-key, or bind --host 127.0.0.1; %s", where, keys)

@@ -1,44 +1,41 @@
 """The API-key interceptor: the only code that reads the ``authorization`` metadata.
 
-It sits inside :class:`server.rpc.interceptor.StatusInterceptor` (which maps its errors and counts the RPC),
-resolves ``authorization: Bearer <key>`` to a :class:`server.auth.Principal`, checks the role against
-:data:`ROLES_BY_METHOD`, applies the key's rate limits (:mod:`server.rpc.ratelimit`: requests/s on every RPC;
-concurrency and tokens/min on Generation RPCs) and hands the principal to the handler through
-:func:`current_principal`. Methods outside ``qlora_server.`` (health, reflection) stay open and unlimited.
+It sits inside :class:`server.rpc.interceptor.StatusInterceptor` (which maps its errors and counts the RPC) and
+asks a :class:`server.access.Gate` (shared with the HTTP API) to resolve ``authorization: Bearer <key>`` to a
+:class:`server.auth.Principal`, check the role against :data:`ROLES_BY_METHOD` and apply the key's rate limits
+(:mod:`server.ratelimit`: requests/s on every RPC; concurrency and tokens/min on Generation RPCs); it hands the
+principal to the handler through :func:`current_principal`. Methods outside ``qlora_server.`` (health, reflection)
+stay open and unlimited.
 """
 
 from __future__ import annotations
 
 import contextvars
-import logging
 from typing import Callable
 
 import grpc
 
-from server.auth import ADMIN, INFERENCE, ROLES, TRAINER, KeyStore, PermissionDenied, Principal, Unauthenticated
-from server.rpc.ratelimit import KeyLimiter
+from server.access import Gate, bearer_token
+from server.auth import ADMIN, ANY_ROLE, GENERATE_ROLES, TRAIN_ROLES, KeyStore, Principal
+from server.ratelimit import KeyLimiter
 
-_LOG = logging.getLogger(__name__)
 GUARDED_PREFIX = "qlora_server."
 #: Methods under this prefix are Generation RPCs (per-key ``max_concurrent`` and ``tokens_per_minute``).
 GENERATION_PREFIX = "qlora_server.v1.Generation/"
-_ALL = frozenset(ROLES)
-_TRAIN = frozenset({TRAINER, ADMIN})
-_INFER = frozenset({INFERENCE, ADMIN})
 #: Roles allowed per method (full name without the leading slash); a ``qlora_server.`` method not listed: admin only.
 ROLES_BY_METHOD: dict[str, frozenset[str]] = {
-    "qlora_server.v1.Generation/Generate": _INFER,
-    "qlora_server.v1.Generation/GenerateStream": _INFER,
-    "qlora_server.v1.Adapters/ListAdapters": _ALL,
-    "qlora_server.v1.Adapters/GetAdapter": _ALL,
-    "qlora_server.v1.Adapters/RegisterAdapter": _TRAIN,
-    "qlora_server.v1.Adapters/UploadAdapter": _TRAIN,
-    "qlora_server.v1.Adapters/UnregisterAdapter": _TRAIN,
-    "qlora_server.v1.Training/CreateTrainingJob": _TRAIN,
-    "qlora_server.v1.Training/GetTrainingJob": _TRAIN,
-    "qlora_server.v1.Training/ListTrainingJobs": _TRAIN,
-    "qlora_server.v1.Training/CancelTrainingJob": _TRAIN,
-    "qlora_server.v1.Training/WatchTrainingJob": _TRAIN,
+    "qlora_server.v1.Generation/Generate": GENERATE_ROLES,
+    "qlora_server.v1.Generation/GenerateStream": GENERATE_ROLES,
+    "qlora_server.v1.Adapters/ListAdapters": ANY_ROLE,
+    "qlora_server.v1.Adapters/GetAdapter": ANY_ROLE,
+    "qlora_server.v1.Adapters/RegisterAdapter": TRAIN_ROLES,
+    "qlora_server.v1.Adapters/UploadAdapter": TRAIN_ROLES,
+    "qlora_server.v1.Adapters/UnregisterAdapter": TRAIN_ROLES,
+    "qlora_server.v1.Training/CreateTrainingJob": TRAIN_ROLES,
+    "qlora_server.v1.Training/GetTrainingJob": TRAIN_ROLES,
+    "qlora_server.v1.Training/ListTrainingJobs": TRAIN_ROLES,
+    "qlora_server.v1.Training/CancelTrainingJob": TRAIN_ROLES,
+    "qlora_server.v1.Training/WatchTrainingJob": TRAIN_ROLES,
 }
 _PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("qlora_principal", default=None)
 
@@ -50,23 +47,19 @@ def current_principal() -> Principal | None:
 
 def bearer_key(metadata) -> str | None:
     """The key of an ``authorization: Bearer <key>`` entry of ``metadata``, or None."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization" and isinstance(value, str):
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
+    return bearer_token(value for key, value in metadata or () if key.lower() == "authorization")
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Refuses ``qlora_server.`` RPCs without a known key (UNAUTHENTICATED) or of a role not allowed
     (PERMISSION_DENIED) or over one of its rate limits (RESOURCE_EXHAUSTED with ``retry-after-ms``) before the
-    handler runs; the key itself is never logged nor echoed. ``limiter`` holds the per-key rate-limit state (a
-    fresh :class:`KeyLimiter` by default; pass one with a fake clock in tests)."""
+    handler runs; the key itself is never logged nor echoed. ``keys`` is the :class:`server.access.Gate` the HTTP
+    API shares, or a :class:`KeyStore` (then a gate of its own, with ``limiter`` holding the per-key rate-limit
+    state: a fresh :class:`KeyLimiter` by default; pass one with a fake clock in tests)."""
 
-    def __init__(self, keys: KeyStore, limiter: KeyLimiter | None = None) -> None:
-        self._keys = keys
-        self.limiter = limiter if limiter is not None else KeyLimiter()
+    def __init__(self, keys: Gate | KeyStore, limiter: KeyLimiter | None = None) -> None:
+        self.gate = keys if isinstance(keys, Gate) else Gate(keys, limiter)
+        self.limiter = self.gate.limiter
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -85,27 +78,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def authorize(self, method: str, context: grpc.ServicerContext) -> Principal:
         """The principal of the call, or raise Unauthenticated / PermissionDenied."""
-        key = bearer_key(context.invocation_metadata())
-        if key is None:
-            raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
-        principal = self._keys.resolve(key)
-        if principal is None:
-            _LOG.warning("unknown API key on %s from %s", method, context.peer())
-            raise Unauthenticated("unknown API key")
-        if principal.role not in ROLES_BY_METHOD.get(method, frozenset({ADMIN})):
-            _LOG.info("key %s (role %s) refused %s", principal.name, principal.role, method)
-            raise PermissionDenied(f"role {principal.role!r} may not call {method}")
-        return principal
+        return self.gate.authorize(bearer_key(context.invocation_metadata()), method,
+                                   ROLES_BY_METHOD.get(method, frozenset({ADMIN})),
+                                   hint="metadata 'authorization: Bearer <key>'", peer=context.peer())
 
     def _admit(self, method: str, principal: Principal):
-        """Apply ``principal``'s rate limits to one RPC of ``method``: a :class:`server.rpc.ratelimit.Slot` to
+        """Apply ``principal``'s rate limits to one RPC of ``method``: a :class:`server.ratelimit.Slot` to
         finish when a Generation RPC ends, None for other RPCs; raises RateLimited when over a limit."""
-        if not principal.limits:
-            return None
-        self.limiter.admit(principal.name, principal.limits)
-        if not method.startswith(GENERATION_PREFIX):
-            return None
-        return self.limiter.start_generation(principal.name, principal.limits)
+        return self.gate.admit(principal, generation=method.startswith(GENERATION_PREFIX))
 
     def _unary(self, behavior: Callable, method: str) -> Callable:
         def wrapped(request_or_iterator, context):

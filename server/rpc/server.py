@@ -76,7 +76,8 @@ def bind_grpc_server(host: str, port: int, *, workers: int, metrics, keys=None, 
         port: TCP port; 0 picks a free one.
         workers: RPC handler threads (RPCs past ``BACKSTOP_FACTOR`` times this are refused by gRPC itself).
         metrics: the :class:`server.metrics.Metrics` the :class:`StatusInterceptor` counts RPCs in.
-        keys: a :class:`server.auth.KeyStore` to require API keys (:class:`server.rpc.auth.AuthInterceptor`,
+        keys: a :class:`server.access.Gate` (``serve`` shares one with the HTTP API: the same keys and per-key
+            limits) or a :class:`server.auth.KeyStore` to require API keys (:class:`server.rpc.auth.AuthInterceptor`,
             inside the status interceptor); None = auth off.
         limits: per-method / per-service caps for the interceptor (:func:`rpc_limits`); None = none.
         max_message_bytes: largest message received or sent (bytes).

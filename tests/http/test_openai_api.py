@@ -135,12 +135,8 @@ def test_http_port_flag_is_validated():
     with pytest.raises(InvalidArgument) as info:
         ServerConfig(http_port=70000)
     assert info.value.field == "http_port"
-    with pytest.raises(InvalidArgument, match="api-keys-file") as info:
-        ServerConfig(http_port=8000, api_keys_file="keys.yaml")
-    assert info.value.field == "http_port"
-    with pytest.raises(InvalidArgument, match="tls-cert") as info:  # no plaintext port beside an encrypted one
-        ServerConfig(http_port=8000, tls_cert="cert.pem", tls_key="key.pem")
-    assert info.value.field == "http_port"
+    # the HTTP API takes the gRPC port's keys and TLS (tests/http/test_http_security.py)
+    assert ServerConfig(http_port=8000, api_keys_file="keys.yaml", tls_cert="c.pem", tls_key="k.pem").http_port == 8000
 
 
 @pytest.mark.parametrize("kw, want", [

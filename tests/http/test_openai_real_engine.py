@@ -39,7 +39,7 @@ def test_adapter_by_model_matches_grpc_generate(tmp_path):
     config = ServerConfig(model=ModelConfig(model=str(base_dir), device="cpu"),
                           engine=EngineConfig(adapter_slots=2, cpu_adapter_cache=2, max_lora_rank=8,
                                               max_new_tokens=64),
-                          adapters_dir=tmp_path / "store", grpc_workers=4)
+                          adapters_dir=tmp_path / "store", state_dir=tmp_path / "state", grpc_workers=4)
     info = BaseModelInfo(name=TINY_NAME, path=str(base_dir), device=torch.device("cpu"), weight_bytes=0,
                          model_type="llama", max_positions=128)
     app = build_app(config, model=load_nf4(base_dir), tokenizer=byte_tokenizer(), base_info=info)

@@ -18,7 +18,7 @@ from server.errors import FailedPrecondition, RateLimited
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from server.rpc.gen.qlora_server.v1 import qlora_server_pb2_grpc as pb_grpc
 from server.rpc.interceptor import RETRY_AFTER_METADATA_KEY
-from server.rpc.ratelimit import KeyLimiter, TokenBucket
+from server.ratelimit import KeyLimiter, TokenBucket
 from server.rpc.server import build_grpc_server
 
 WAIT = 10.0
