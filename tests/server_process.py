@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-_READY = re.compile(r"listening on (\S+):(\d+) \(metrics on :(\d+)\)")
+_READY = re.compile(r"listening on (\S+):(\d+) \(metrics on :(\d+)[,)]")
 
 
 def free_port() -> int:
