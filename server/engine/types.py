@@ -12,7 +12,7 @@ FINISH_STOP = "stop"
 FINISH_EOS = "eos"
 #: Largest accepted ``seed`` (the proto field is a uint64; the sampler's counter-based draws use all 64 bits).
 SEED_MAX = 2**64 - 1
-#: Largest accepted ``top_logprobs`` (alternatives reported per generated token).
+#: Largest accepted ``top_logprobs`` / ``prompt_logprobs`` (alternatives reported per token).
 MAX_TOP_LOGPROBS = 20
 
 
@@ -40,6 +40,12 @@ class SamplingParams:
             log-softmax of the penalized, temperature-scaled scores, before top-k / top-p truncation).
         top_logprobs: also return the k most likely tokens of that distribution per generated token
             (0 .. :data:`MAX_TOP_LOGPROBS`); k > 0 implies ``logprobs``.
+        prompt_logprobs: None = do not score the prompt; k (0 .. :data:`MAX_TOP_LOGPROBS`) = return, for every
+            prompt token after the first, its log-probability given the tokens before it and the k most likely
+            tokens there. That distribution is the model's own (with the request's adapter): the float32
+            log-softmax of the raw logits, no temperature, no penalty (``server.model.sampling.
+            prompt_logprob_scores``). A prompt of n tokens gets n - 1 entries (the first token, the BOS token where
+            the tokenizer adds one, has nothing before it).
     """
 
     max_new_tokens: int = 256
@@ -52,6 +58,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -77,6 +84,9 @@ class SamplingParams:
             raise InvalidArgument(f"must be in 0..{SEED_MAX}, got {self.seed}", field="seed")
         if not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
             raise InvalidArgument(f"must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}", field="top_logprobs")
+        k = self.prompt_logprobs
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_TOP_LOGPROBS):
+            raise InvalidArgument(f"must be unset or in 0..{MAX_TOP_LOGPROBS}, got {k!r}", field="prompt_logprobs")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop strings must be non-empty", field="stop")
         if len(self.stop) > max_stop_strings:
@@ -126,7 +136,7 @@ class Timings:
 
 @dataclass(frozen=True)
 class TopLogprob:
-    """One of the most likely tokens at a generated position: id, its text (``decode([id])``) and log-probability."""
+    """One of the most likely tokens at a position: id, its text (``decode([id])``) and log-probability."""
 
     token_id: int
     token: str
@@ -135,8 +145,9 @@ class TopLogprob:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability and (when ``top_logprobs`` > 0) the k most likely tokens there, most
-    likely first. Log-probabilities are float32 values (natural log)."""
+    """A generated (or scored prompt) token's log-probability and (when ``top_logprobs`` / ``prompt_logprobs``
+    > 0) the k most likely tokens there, most likely first (ties: the lower id first). Log-probabilities are
+    float32 values (natural log)."""
 
     token_id: int
     token: str
@@ -152,6 +163,9 @@ class GenerationEvent:
     set with ``finish_reason`` (``length`` / ``stop`` / ``eos``), token counts and timings, or ``error`` set
     when the request failed (deadline, cancellation, adapter unregistered, internal error). ``logprobs`` has one
     entry per token of ``token_ids`` when the request asked for log-probabilities (else it is empty).
+    ``prompt_logprobs`` is set on the request's first event only, when it asked for them (``SamplingParams.
+    prompt_logprobs``): one entry per prompt token after the first (an event of its own, with no text, put as
+    soon as the prompt's prefill ends; empty for a one-token prompt).
     """
 
     request_id: str
@@ -164,11 +178,13 @@ class GenerationEvent:
     timings: Timings | None = None
     error: Exception | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """The whole answer of a finished request (what ``Engine.generate`` returns)."""
+    """The whole answer of a finished request (what ``Engine.generate`` returns). ``logprobs``: one entry per
+    generated token when asked; ``prompt_logprobs``: one per prompt token after the first when asked."""
 
     request_id: str
     text: str
@@ -178,6 +194,7 @@ class GenerationResult:
     completion_tokens: int
     timings: Timings
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 #: Longest accepted client-chosen request id (characters).

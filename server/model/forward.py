@@ -140,6 +140,24 @@ class DecoderForward:
         Returns:
             ``[N, V]`` logits of each row's last real token, in the LM head's dtype.
         """
+        hidden = self.hidden_states(inp, pool, use_lora)
+        n = hidden.shape[0]
+        return self.logits(hidden[torch.arange(n, device=hidden.device), inp.last_index])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` logits (the LM head's dtype) of ``[..., hidden]`` decoder outputs (:meth:`hidden_states`):
+        the final norm then the LM head, position by position (the LM head has no LoRA term)."""
+        return self.head(self.norm(hidden))
+
+    def hidden_states(self, inp: StepInputs, pool: KVPool, use_lora: bool) -> torch.Tensor:
+        """Run one step's decoder layers; write the step's keys/values to ``pool``.
+
+        Args: as :meth:`__call__`.
+
+        Returns:
+            ``[N, T, hidden]`` output of the last decoder layer at every position (before the final norm; padding
+            positions hold garbage), in the model's compute dtype. :meth:`logits` turns any of them into logits.
+        """
         n, t = inp.input_ids.shape
         hidden = self.embed(inp.input_ids)  # [N, T, hidden]
         cos, sin = self.rotary(hidden, inp.positions)  # [N, T, D] each
@@ -189,8 +207,7 @@ class DecoderForward:
             x = layer.post_attention_layernorm(hidden)
             gate, up = self._project(l, (4, 5), (mlp.gate_proj, mlp.up_proj), x, lora)
             hidden = hidden + self._project(l, (6,), (mlp.down_proj,), mlp.act_fn(gate) * up, lora)[0]
-        last = hidden[torch.arange(n, device=hidden.device), inp.last_index]  # [N, hidden]
-        return self.head(self.norm(last))
+        return hidden
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
