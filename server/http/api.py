@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.engine.engine import collect_result
+from server.engine.types import FINISH_LENGTH
 from server.errors import Cancelled, InvalidArgument, NotFound, ServerError
 from server.http import convert
 from server.http.errors import ModelNotFound, error_response
@@ -66,20 +68,29 @@ def build_http_app(app) -> FastAPI:
                                          max_new_tokens_limit=limits.max_new_tokens,
                                          max_stop_strings=limits.max_stop_strings,
                                          max_stop_chars=limits.max_stop_chars)
+        echo = convert.echo_of(body, chat=chat)
         stream = app.engine.submit(req)
         model = body["model"]
-        asked = req.params.wants_logprobs
+        asked = req.params.wants_logprobs or req.params.prompt_logprobs is not None
         if convert.is_stream(body):
-            return StreamingResponse(_sse(stream, chat, req.request_id, model, asked),
+            return StreamingResponse(_sse(stream, chat, req.request_id, model, asked, echo),
                                      media_type="text/event-stream")
         finished = False
         try:
             result = collect_result(stream, req.request_id)
             finished = True
+            text, reason, completion_tokens = result.text, result.finish_reason, result.completion_tokens
+            logprobs = convert.logprobs_body(result.logprobs, chat=chat, asked=asked)
+            if echo is not None:  # the prompt's text and tokens first; completion offsets count the prompt's text
+                logprobs = convert.logprobs_body(result.logprobs, chat=False, asked=asked,
+                                                 text_offset=len(echo.prompt))
+                if echo.score_only:  # the one generated token is dropped
+                    text, reason, completion_tokens, logprobs = "", FINISH_LENGTH, 0, None
+                head = convert.prompt_logprobs_body(echo.prompt, result.prompt_logprobs) if asked else None
+                text, logprobs = echo.prompt + text, convert.join_logprobs(head, logprobs)
             return convert.completion_body(
-                chat=chat, request_id=req.request_id, model=model, text=result.text, reason=result.finish_reason,
-                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                logprobs=convert.logprobs_body(result.logprobs, chat=chat, asked=asked))
+                chat=chat, request_id=req.request_id, model=model, text=text, reason=reason,
+                prompt_tokens=result.prompt_tokens, completion_tokens=completion_tokens, logprobs=logprobs)
         finally:
             if not finished:
                 stream.cancel(Cancelled("the HTTP request ended early"))
@@ -95,10 +106,12 @@ def build_http_app(app) -> FastAPI:
     return api
 
 
-def _sse(stream, chat: bool, request_id: str, model: str, asked: bool = False):
+def _sse(stream, chat: bool, request_id: str, model: str, asked: bool = False, echo: convert.Echo | None = None):
     """Server-sent events: one ``data: {chunk}`` per text delta (with its tokens' log-probabilities when
-    ``asked``), the last carrying finish_reason and usage, then ``data: [DONE]``. An error after the first byte is
-    sent as ``data: {"error": ...}``."""
+    ``asked``), the last carrying finish_reason and usage, then ``data: [DONE]``. With ``echo`` the first chunk
+    is the prompt (and its log-probabilities when ``asked``), sent when the engine's first event arrives (the
+    prompt's scores come with it); a score-only echo (``max_tokens: 0``) then sends no completion text. An error
+    after the first byte is sent as ``data: {"error": ...}``."""
     finished = False
     first = True
     sent = 0  # characters streamed so far (the completions shape's text_offset)
@@ -107,6 +120,14 @@ def _sse(stream, chat: bool, request_id: str, model: str, asked: bool = False):
             if event.error is not None:
                 yield _data(error_response(event.error)[1])
                 return
+            if echo is not None and first:
+                prompt_lps = convert.prompt_logprobs_body(echo.prompt, event.prompt_logprobs) if asked else None
+                yield _data(convert.chunk_body(chat=chat, request_id=request_id, model=model, text=echo.prompt,
+                                               first=True, logprobs=prompt_lps))
+                sent, first = len(echo.prompt), False
+            if echo is not None and echo.score_only:  # the one generated token is dropped
+                event = dataclasses.replace(event, text="", logprobs=(), completion_tokens=0,
+                                            finish_reason=FINISH_LENGTH if event.finished else None)
             logprobs = convert.logprobs_body(event.logprobs, chat=chat, asked=asked, text_offset=sent)
             if event.finished:
                 finished = True
