@@ -419,7 +419,8 @@ def prompt_logprob_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -
         empty = lp.new_empty((lp.shape[0], 0))
         return PromptScores(chosen, empty, empty.to(torch.int64))
     values, ids = torch.sort(lp, dim=-1, descending=True, stable=True)
-    return PromptScores(chosen, values[:, :k], ids[:, :k])
+    # copies, not views: a view would keep the whole [P, V] sort alive while the caller scores further chunks
+    return PromptScores(chosen, values[:, :k].clone(), ids[:, :k].clone())
 
 
 def prompt_scores_to_host(scores: Sequence[PromptScores | None]) -> list[list[RowLogprobs] | None]:

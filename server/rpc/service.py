@@ -120,7 +120,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def GenerateStream(self, request: pb.GenerateRequest,
                        context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
-        """Stream the answer as text deltas; the last message carries finish reason, token counts and timings."""
+        """Stream the answer as text deltas; the last message carries finish reason, token counts and timings, the
+        first the prompt's log-probabilities when the request asked (``prompt_logprobs``)."""
         stream, clock = self._submit(request, context)
         finished = False
         try:
