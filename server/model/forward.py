@@ -16,6 +16,9 @@ H query heads in H_kv groups of G = H / H_kv (grouped-query attention), head dim
 Prefill chunks (T > 1) use PyTorch's ``scaled_dot_product_attention`` with that mask (its fused kernels skip masked
 blocks and never materialize the ``[T, L]`` scores); the decode step (T = 1, the captured one) multiplies the G
 queries of a group against the gathered keys directly, with the softmax in float32 as transformers' eager attention.
+
+:meth:`DecoderForward.__call__` returns each row's last-token logits; :meth:`DecoderForward.hidden_states` +
+:meth:`DecoderForward.logits` give any position's (prompt scoring, :mod:`server.model.runner`).
 """
 
 from __future__ import annotations
