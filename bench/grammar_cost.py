@@ -7,6 +7,10 @@ the embedded SmolLM2-135M tokenizer (49,152 tokens), each library compiles the s
 sequence of one valid answer: before every token it computes the allowed-token mask (what a decoder would apply
 to the logits), then accepts the token. Prints one JSON line: compile seconds and the median / p90 microseconds per
 mask, per library (xgrammar, llguidance). Libraries that are not importable are reported as such.
+
+``engine_step`` measures what the engine itself pays per decode step for ``--batch`` constrained rows (default 16,
+each at a different point of the answer): :meth:`GrammarCompiler.bitmask` (one array, rows filled in parallel)
+plus :func:`server.model.sampling.apply_allowed` on CPU logits, median / p90 microseconds per step.
 """
 
 from __future__ import annotations
@@ -75,6 +79,40 @@ def bench_llguidance(tok, ids: list[int], reps: int) -> dict:
     return _summary(compile_s, times)
 
 
+def bench_engine_step(tok, ids: list[int], batch: int, reps: int) -> dict:
+    """The engine's per-step cost for ``batch`` constrained rows (see the module docstring)."""
+    import torch
+
+    from server.engine.grammar import GrammarCompiler
+    from server.engine.types import ResponseFormat
+    from server.model.sampling import apply_allowed
+
+    grammar = GrammarCompiler(tok, len(tok), [tok.eos_token_id])
+    fmt = ResponseFormat("json_schema", json.dumps(SCHEMA))
+    t = time.perf_counter()
+    grammar.matcher(fmt)
+    compile_s = time.perf_counter() - t
+    logits = torch.randn(batch, len(tok))
+    fill, apply = [], []
+    for _ in range(reps):
+        matchers = [grammar.matcher(fmt) for _ in range(batch)]
+        for b, m in enumerate(matchers):  # row b starts b tokens into the answer
+            m.consume_tokens(ids[:b % len(ids)])
+        for step in range(len(ids) - batch % len(ids)):
+            t = time.perf_counter()
+            mask, _ = grammar.bitmask(matchers)
+            fill.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            apply_allowed(logits, torch.from_numpy(mask))
+            apply.append(time.perf_counter() - t)
+            for b, m in enumerate(matchers):
+                pos = b % len(ids) + step
+                if pos < len(ids):
+                    m.consume_token(ids[pos])
+    return {"batch": batch, "first_compile_s": round(compile_s, 4), "fill": _summary(0.0, fill),
+            "apply_cpu": _summary(0.0, apply)}
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -83,6 +121,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=16)
     args = p.parse_args()
     path, _ = resolve_source(ModelConfig())
     tok = AutoTokenizer.from_pretrained(path)
@@ -93,6 +132,7 @@ def main() -> None:
             out[name] = fn(tok, ids, args.reps)
         except Exception as exc:  # noqa: BLE001 - report and go on to the next library
             out[name] = f"{type(exc).__name__}: {exc}"
+    out["engine_step"] = bench_engine_step(tok, ids, args.batch, args.reps)
     print(json.dumps(out))
 
 

@@ -200,6 +200,11 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-logprobs", type=int_in(0, MAX_TOP_LOGPROBS), default=0, metavar="K",
                    help=f"also print the K most likely tokens per position (0..{MAX_TOP_LOGPROBS}; implies "
                         "--logprobs; default 0)")
+    p.add_argument("--prompt-logprobs", type=int_in(0, MAX_TOP_LOGPROBS), default=None, metavar="K",
+                   help="score the prompt: print the log-probability of each prompt token after the first (the "
+                        "model's own distribution: no temperature, no penalty) and the K most likely tokens there "
+                        f"(0..{MAX_TOP_LOGPROBS}) to stderr, one JSON line per token marked \"prompt\": true, before "
+                        "the generated tokens' lines")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json-schema", metavar="SCHEMA", default=None,
                      help="structured output: the answer is JSON valid against this JSON Schema (JSON text, or "
@@ -678,17 +683,21 @@ def generation_request_from_args(args: argparse.Namespace):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
-                            top_logprobs=args.top_logprobs, response_format=_response_format_from_args(args))
+                            top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs,
+                            response_format=_response_format_from_args(args))
     return GenerationRequest(request_id=args.request_id, adapter_id=args.adapter, prompt=args.prompt,
                              messages=messages, params=params)
 
 
-def _print_logprobs(logprobs) -> None:
-    """One JSON line per token on stderr: ``{"token_id", "token", "logprob", "top_logprobs": [...]}``."""
+def _print_logprobs(logprobs, prompt: bool = False) -> None:
+    """One JSON line per token on stderr: ``{"token_id", "token", "logprob", "top_logprobs": [...]}``, plus
+    ``"prompt": true`` for a scored prompt token."""
     for lp in logprobs:
-        print(json.dumps({"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob,
-                          "top_logprobs": [dataclasses.asdict(t) for t in lp.top_logprobs]}),
-              file=sys.stderr, flush=True)
+        line = {"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob,
+                "top_logprobs": [dataclasses.asdict(t) for t in lp.top_logprobs]}
+        if prompt:
+            line["prompt"] = True
+        print(json.dumps(line), file=sys.stderr, flush=True)
 
 
 @_client_command
@@ -697,11 +706,13 @@ def _cmd_generate(client, args: argparse.Namespace) -> None:
     if not args.stream:
         result = client.generate(request)
         print(result.text, flush=True)
+        _print_logprobs(result.prompt_logprobs, prompt=True)
         _print_logprobs(result.logprobs)
         return
     for event in client.generate_stream(request):
         sys.stdout.write(event.text)
         sys.stdout.flush()
+        _print_logprobs(event.prompt_logprobs, prompt=True)
         _print_logprobs(event.logprobs)
     sys.stdout.write("\n")
     sys.stdout.flush()

@@ -54,8 +54,14 @@ from server.errors import (
 )
 from server.logs import RequestLog
 from server.metrics import Metrics
-from server.model.runner import ModelRunner, StepRow
-from server.model.sampling import NonFiniteLogits, RowLogprobs, request_seed, select_tokens_logprobs
+from server.model.runner import ModelRunner, PromptScoring, StepRow
+from server.model.sampling import (
+    NonFiniteLogits,
+    RowLogprobs,
+    prompt_scores_to_host,
+    request_seed,
+    select_tokens_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +101,23 @@ class RequestStream:
 
 def collect_result(events, request_id: str) -> GenerationResult:
     """The whole answer of a request from its :class:`GenerationEvent` s (texts joined, token ids and
-    log-probabilities concatenated, counts and timings from the final event).
+    log-probabilities — generated and prompt ones — concatenated, counts and timings from the final event).
 
     Raises:
         the error an event carries; :class:`ServerError` when the events end without a final one.
     """
-    text, ids, logprobs = [], [], []
+    text, ids, logprobs, prompt_logprobs = [], [], [], []
     for event in events:
         if event.error is not None:
             raise event.error
         text.append(event.text)
         ids.extend(event.token_ids)
         logprobs.extend(event.logprobs)
+        prompt_logprobs.extend(event.prompt_logprobs)
         if event.finished:
             return GenerationResult(request_id, "".join(text), tuple(ids), event.finish_reason,
-                                    event.prompt_tokens, event.completion_tokens, event.timings, tuple(logprobs))
+                                    event.prompt_tokens, event.completion_tokens, event.timings, tuple(logprobs),
+                                    tuple(prompt_logprobs))
     raise ServerError("the engine ended the request without a final event")
 
 
@@ -125,6 +133,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when the request asks
     matcher: object | None = None  # the response format's grammar state (llguidance LLMatcher), None = free text
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. scored so far (asking)
     slot: int = -1
     blocks: list[int] = field(default_factory=list)  # KV blocks reserved for the whole request
     computed: int = 0  # prompt tokens already in the KV cache (chunked prefill)
@@ -170,6 +179,7 @@ class Engine:
         self.grammar = GrammarCompiler(tokenizer, int(vocab), sorted(self.eos_ids))
         self._hidden_specials = hidden_special_tokens(tokenizer)
         self._added_tokens = added_vocab(tokenizer)
+        self._token_texts: dict[int, str] = {}  # decode([id]) of the ids log-probabilities named (engine thread only)
         for caveat in detokenization_caveats(tokenizer):
             log.warning("streamed text: %s", caveat)
         self._lock = threading.Condition()
@@ -455,19 +465,29 @@ class Engine:
 
     def _prefill_step(self) -> bool:
         """Prefill the next chunk of the oldest admitted prompts (one forward pass under the token budget); a
-        prompt whose last chunk ran samples its first token and joins the decode batch. A failure ends the requests
-        in this step only. Returns True (a step ran)."""
+        prompt whose last chunk ran samples its first token and joins the decode batch. Rows whose request asks for
+        prompt log-probabilities score this chunk's positions too; a request whose prompt is then complete gets
+        them in an event of their own, before its first token's. A failure ends the requests in this step only.
+        Returns True (a step ran)."""
         chunks = plan_chunks([len(s.prompt_ids) - s.computed for s in self._prefilling],
                              self.config.prefill_tokens, self.config.prefill_chunk)
         batch = self._prefilling[:len(chunks)]
         rows = [StepRow(tuple(s.prompt_ids[s.computed:s.computed + c]), s.computed, self._table(s, s.computed + c),
                         s.slot) for s, c in zip(batch, chunks)]
         complete = [s.computed + c == len(s.prompt_ids) for s, c in zip(batch, chunks)]
+        scoring = [self._prompt_scoring(s, c) for s, c in zip(batch, chunks)]
         start = time.monotonic()
         try:
-            logits = self.runner.prefill(rows)
+            if any(sc is not None for sc in scoring):
+                logits, scores = self.runner.prefill_scored(rows, scoring)
+            else:
+                logits, scores = self.runner.prefill(rows), None
             ready = [s for s, done in zip(batch, complete) if done]
             tokens = self._sample(logits[[i for i, done in enumerate(complete) if done]], ready) if ready else ([], [])
+            if scores is not None:  # after the sampler's sync: the device is idle, this transfer only copies
+                for seq, sc, row in zip(batch, scoring, prompt_scores_to_host(scores)):
+                    if sc is not None:
+                        seq.prompt_logprobs.extend(self._token_logprob(t, r) for t, r in zip(sc.targets, row))
         except Exception as exc:  # noqa: BLE001 - ends the requests this step touched, not the running batch
             log.exception("prefill failed")
             error = ServerError(f"prefill failed: {type(exc).__name__}: {exc}")
@@ -481,6 +501,11 @@ class Engine:
         ready_ids = {id(s) for s in ready}
         self._prefilling = [s for s in self._prefilling if id(s) not in ready_ids]
         self._running.extend(ready)
+        for seq in ready:
+            if seq.prompt_logprobs:  # the request's first event
+                seq.stream._events.put(GenerationEvent(seq.stream.request_id,
+                                                       prompt_logprobs=tuple(seq.prompt_logprobs)))
+                seq.prompt_logprobs = []
         self._accept_all(ready, tokens)
         self._drop_finished()
         return True
@@ -505,6 +530,17 @@ class Engine:
         self.metrics.batch_size.observe(len(rows))
         self._accept_all(rows, tokens)
         self._drop_finished()
+
+    @staticmethod
+    def _prompt_scoring(seq: _Sequence, chunk: int) -> PromptScoring | None:
+        """What ``seq``'s next prefill chunk (``chunk`` tokens from ``seq.computed``) scores: None when its request
+        does not ask for prompt log-probabilities or the chunk predicts no prompt token (a one-token prompt)."""
+        k = seq.request.params.prompt_logprobs
+        if k is None:
+            return None
+        start, n = seq.computed, len(seq.prompt_ids)
+        targets = tuple(seq.prompt_ids[start + 1:min(start + chunk + 1, n)])
+        return PromptScoring(targets, k) if targets else None
 
     def _table(self, seq: _Sequence, tokens: int) -> tuple[int, ...]:
         """The part of ``seq``'s block table that holds its first ``tokens`` tokens: attention reads (and a graph
@@ -531,9 +567,15 @@ class Engine:
         return tokens, row_lps
 
     def _token_logprob(self, token: int, row: RowLogprobs) -> TokenLogprob:
-        """A sampled row's log-probabilities with each token's text (``decode([id])``, special tokens shown)."""
+        """A sampled (or scored prompt) position's log-probabilities with each token's text (``decode([id])``,
+        special tokens shown)."""
+        texts = self._token_texts
+
         def text(tid: int) -> str:
-            return self.tokenizer.decode([tid], skip_special_tokens=False)
+            got = texts.get(tid)
+            if got is None:  # at most one entry per vocabulary id: a long scored prompt decodes each id once
+                got = texts[tid] = self.tokenizer.decode([tid], skip_special_tokens=False)
+            return got
         return TokenLogprob(token, text(token), row.logprob,
                             tuple(TopLogprob(tid, text(tid), lp) for tid, lp in row.top))
 
@@ -596,8 +638,8 @@ class Engine:
             seq.emitted_tokens = len(seq.generated)
 
     def _end(self, seq: _Sequence, reason: str | None = None, error: ServerError | None = None) -> None:
-        """Finish ``seq`` once: release its id, KV blocks and slot pin, record metrics and the request log line, and put its
-        final event. The final event is put whatever fails here (a failure while finishing is logged, and a
+        """Finish ``seq`` once: release its id, KV blocks and slot pin, record metrics and the request log line, and
+        put its final event. The final event is put whatever fails here (a failure while finishing is logged, and a
         finished answer is still delivered). The caller drops the row from the batch."""
         with self._lock:  # atomic: two threads ending one request (stop() and the loop) give one final event
             if seq.done:

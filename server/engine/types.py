@@ -13,7 +13,7 @@ FINISH_STOP = "stop"
 FINISH_EOS = "eos"
 #: Largest accepted ``seed`` (the proto field is a uint64; the sampler's counter-based draws use all 64 bits).
 SEED_MAX = 2**64 - 1
-#: Largest accepted ``top_logprobs`` (alternatives reported per generated token).
+#: Largest accepted ``top_logprobs`` / ``prompt_logprobs`` (alternatives reported per token).
 MAX_TOP_LOGPROBS = 20
 #: Longest accepted response format text: a JSON Schema or regex, or all choices together (characters).
 MAX_RESPONSE_FORMAT_CHARS = 100_000
@@ -92,7 +92,8 @@ class SamplingParams:
         seed: seeds this request's own counter-based draws (``server.model.sampling.request_seed``), so a
             sampled answer is reproducible whatever else shares the batch; None draws a fresh seed; must be in
             0 .. 2**64 - 1 (the proto's uint64).
-        stop: strings that end generation when they appear in the output (they are not returned).
+        stop: strings that end generation when they appear in the output (they are not returned); non-empty, without
+            U+FFFD (the placeholder of undecodable bytes).
         ignore_eos: generate until ``max_new_tokens`` (or a stop string / the context limit) even when the model
             emits EOS, which then is an ordinary output token; for benchmarks that need fixed-length outputs.
         logprobs: return each generated token's log-probability (see ``server.model.sampling``: the
@@ -102,6 +103,12 @@ class SamplingParams:
         response_format: constrain the output to a JSON Schema / JSON object / regex / choice
             (:class:`ResponseFormat`); None = free text. Masked tokens have probability 0: log-probabilities are
             then those of the constrained distribution, and ``top_logprobs`` lists only allowed tokens.
+        prompt_logprobs: None = do not score the prompt; k (0 .. :data:`MAX_TOP_LOGPROBS`) = return, for every
+            prompt token after the first, its log-probability given the tokens before it and the k most likely
+            tokens there. That distribution is the model's own (with the request's adapter): the float32
+            log-softmax of the raw logits, no temperature, no penalty (``server.model.sampling.
+            prompt_logprob_scores``). A prompt of n tokens gets n - 1 entries (the first token, the BOS token where
+            the tokenizer adds one, has nothing before it).
     """
 
     max_new_tokens: int = 256
@@ -115,6 +122,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     response_format: ResponseFormat | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -140,8 +148,16 @@ class SamplingParams:
             raise InvalidArgument(f"must be in 0..{SEED_MAX}, got {self.seed}", field="seed")
         if not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
             raise InvalidArgument(f"must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}", field="top_logprobs")
+        k = self.prompt_logprobs
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_TOP_LOGPROBS):
+            raise InvalidArgument(f"must be unset or in 0..{MAX_TOP_LOGPROBS}, got {k!r}", field="prompt_logprobs")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop strings must be non-empty", field="stop")
+        if any("\ufffd" in s for s in self.stop):
+            # In generated text U+FFFD is a decoder's placeholder for bytes that are not (yet) a complete UTF-8
+            # character: it can show while a character is incomplete and vanish when its last byte comes, so a
+            # match on it would be decided on text that is not final.
+            raise InvalidArgument("stop strings must not contain U+FFFD (the replacement character)", field="stop")
         if len(self.stop) > max_stop_strings:
             raise InvalidArgument(f"at most {max_stop_strings} stop strings (--max-stop-strings), got "
                                   f"{len(self.stop)}", field="stop")
@@ -191,7 +207,7 @@ class Timings:
 
 @dataclass(frozen=True)
 class TopLogprob:
-    """One of the most likely tokens at a generated position: id, its text (``decode([id])``) and log-probability."""
+    """One of the most likely tokens at a position: id, its text (``decode([id])``) and log-probability."""
 
     token_id: int
     token: str
@@ -200,8 +216,9 @@ class TopLogprob:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability and (when ``top_logprobs`` > 0) the k most likely tokens there, most
-    likely first. Log-probabilities are float32 values (natural log)."""
+    """A generated (or scored prompt) token's log-probability and (when ``top_logprobs`` / ``prompt_logprobs``
+    > 0) the k most likely tokens there, most likely first (ties: the lower id first). Log-probabilities are
+    float32 values (natural log)."""
 
     token_id: int
     token: str
@@ -217,6 +234,9 @@ class GenerationEvent:
     set with ``finish_reason`` (``length`` / ``stop`` / ``eos``), token counts and timings, or ``error`` set
     when the request failed (deadline, cancellation, adapter unregistered, internal error). ``logprobs`` has one
     entry per token of ``token_ids`` when the request asked for log-probabilities (else it is empty).
+    ``prompt_logprobs`` is set on the request's first event only, when it asked for them (``SamplingParams.
+    prompt_logprobs``): one entry per prompt token after the first (an event of its own, with no text, put as
+    soon as the prompt's prefill ends; empty for a one-token prompt).
     """
 
     request_id: str
@@ -229,11 +249,13 @@ class GenerationEvent:
     timings: Timings | None = None
     error: Exception | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """The whole answer of a finished request (what ``Engine.generate`` returns)."""
+    """The whole answer of a finished request (what ``Engine.generate`` returns). ``logprobs``: one entry per
+    generated token when asked; ``prompt_logprobs``: one per prompt token after the first when asked."""
 
     request_id: str
     text: str
@@ -243,6 +265,7 @@ class GenerationResult:
     completion_tokens: int
     timings: Timings
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 #: Longest accepted client-chosen request id (characters).

@@ -7,6 +7,7 @@ tenant scopes and rate limits exactly as the gRPC methods they mirror (:data:`RO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.access import Gate, bearer_token
 from server.auth import ANY_ROLE, GENERATE_ROLES, Principal, require_adapter, visible
 from server.engine.engine import collect_result
+from server.engine.types import FINISH_LENGTH
 from server.errors import Cancelled, InvalidArgument, NotFound, ServerError, Unauthenticated
 from server.http import convert
 from server.http.errors import ModelNotFound, error_headers, error_response
@@ -144,11 +146,12 @@ def build_http_app(app, gate: Gate | None = None) -> FastAPI:
                                              max_new_tokens_limit=limits.max_new_tokens,
                                              max_stop_strings=limits.max_stop_strings,
                                              max_stop_chars=limits.max_stop_chars)
+            echo = convert.echo_of(body, chat=chat)
             stream = app.engine.submit(req)
             model = body["model"]
-            asked = req.params.wants_logprobs
+            asked = req.params.wants_logprobs or req.params.prompt_logprobs is not None
             if convert.is_stream(body):
-                events = EventStream(stream, chat, req.request_id, model, asked, slot)
+                events = EventStream(stream, chat, req.request_id, model, asked, slot, echo)
                 handed_off = True
                 return EventStreamResponse(events)
             finished = False
@@ -156,11 +159,18 @@ def build_http_app(app, gate: Gate | None = None) -> FastAPI:
                 result = collect_result(stream, req.request_id)
                 finished = True
                 tokens = result.completion_tokens
+                text, reason, completion_tokens = result.text, result.finish_reason, result.completion_tokens
+                logprobs = convert.logprobs_body(result.logprobs, chat=chat, asked=asked)
+                if echo is not None:  # the prompt's text and tokens first; completion offsets count the prompt's
+                    logprobs = convert.logprobs_body(result.logprobs, chat=False, asked=asked,
+                                                     text_offset=len(echo.prompt))
+                    if echo.score_only:  # the one generated token is dropped
+                        text, reason, completion_tokens, logprobs = "", FINISH_LENGTH, 0, None
+                    head = convert.prompt_logprobs_body(echo.prompt, result.prompt_logprobs) if asked else None
+                    text, logprobs = echo.prompt + text, convert.join_logprobs(head, logprobs)
                 return convert.completion_body(
-                    chat=chat, request_id=req.request_id, model=model, text=result.text,
-                    reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    logprobs=convert.logprobs_body(result.logprobs, chat=chat, asked=asked))
+                    chat=chat, request_id=req.request_id, model=model, text=text, reason=reason,
+                    prompt_tokens=result.prompt_tokens, completion_tokens=completion_tokens, logprobs=logprobs)
             finally:
                 if not finished:
                     stream.cancel(Cancelled("the HTTP request ended early"))
@@ -181,22 +191,25 @@ def build_http_app(app, gate: Gate | None = None) -> FastAPI:
 
 class EventStream:
     """Server-sent events of one request: one ``data: {chunk}`` per text delta (with its tokens' log-probabilities
-    when ``asked``), the last carrying finish_reason and usage, then ``data: [DONE]``. An error after the first
-    byte is sent as ``data: {"error": ...}``.
+    when ``asked``), the last carrying finish_reason and usage, then ``data: [DONE]``. With ``echo`` the first
+    chunk is the prompt (and its log-probabilities when ``asked``), sent when the engine's first event arrives (the
+    prompt's scores come with it); a score-only echo (``max_tokens: 0``) then sends no completion text. An error
+    after the first byte is sent as ``data: {"error": ...}``.
 
     :meth:`close` (idempotent, thread-safe; called when the iteration ends and when the response ends, even if the
     client went away before the first byte) cancels the engine's request unless it finished and finishes the
     rate-limit ``slot`` with its completion tokens (a stream that ends early: one per chunk sent, as gRPC does)."""
 
-    def __init__(self, stream, chat: bool, request_id: str, model: str, asked: bool = False, slot=None) -> None:
+    def __init__(self, stream, chat: bool, request_id: str, model: str, asked: bool = False, slot=None,
+                 echo: convert.Echo | None = None) -> None:
         self._stream, self._chat, self._request_id, self._model, self._asked = stream, chat, request_id, model, asked
-        self._slot = slot
+        self._slot, self._echo = slot, echo
         self._lock = threading.Lock()
         self._closed = self._finished = False
         self._tokens = self._chunks = 0
 
     def __iter__(self):
-        chat, request_id, model, asked = self._chat, self._request_id, self._model, self._asked
+        chat, request_id, model, asked, echo = self._chat, self._request_id, self._model, self._asked, self._echo
         first = True
         sent = 0  # characters streamed so far (the completions shape's text_offset)
         try:
@@ -204,6 +217,14 @@ class EventStream:
                 if event.error is not None:
                     yield _data(error_response(event.error)[1])
                     return
+                if echo is not None and first:
+                    prompt_lps = convert.prompt_logprobs_body(echo.prompt, event.prompt_logprobs) if asked else None
+                    yield _data(convert.chunk_body(chat=chat, request_id=request_id, model=model, text=echo.prompt,
+                                                   first=True, logprobs=prompt_lps))
+                    sent, first = len(echo.prompt), False
+                if echo is not None and echo.score_only:  # the one generated token is dropped
+                    event = dataclasses.replace(event, text="", logprobs=(), completion_tokens=0,
+                                                finish_reason=FINISH_LENGTH if event.finished else None)
                 logprobs = convert.logprobs_body(event.logprobs, chat=chat, asked=asked, text_offset=sent)
                 if event.finished:
                     self._finished = True

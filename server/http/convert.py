@@ -6,6 +6,7 @@ import json
 import math
 import time
 import uuid
+from dataclasses import dataclass
 
 from server.engine.types import (
     FINISH_LENGTH,
@@ -21,7 +22,7 @@ from server.errors import InvalidArgument
 
 #: Request fields this server does not implement yet: a request that sets one gets 400 naming it.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call",
-               "echo", "best_of", "suffix", "logit_bias", "parallel_tool_calls", "audio", "modalities",
+               "best_of", "suffix", "logit_bias", "parallel_tool_calls", "audio", "modalities",
                "prediction")
 #: Accepted only at their neutral value.
 _NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0}
@@ -153,18 +154,57 @@ def is_stream(body: dict) -> bool:
     return bool(_get(body, "stream", "bool"))
 
 
+@dataclass(frozen=True)
+class Echo:
+    """A completions request with ``echo: true``: its choice's ``text`` is the prompt then the completion, and with
+    ``logprobs: k`` the legacy logprobs cover the prompt's tokens first (the first one ``null``, as OpenAI's).
+
+    Attributes:
+        prompt: the prompt text, put before the completion.
+        score_only: ``max_tokens: 0`` (scoring a prompt): the engine, which generates at least one token,
+            generates one; it is dropped (no text, no log-probability, ``completion_tokens`` 0, ``finish_reason``
+            ``length``).
+    """
+
+    prompt: str
+    score_only: bool = False
+
+
+def echo_of(body: dict, *, chat: bool) -> Echo | None:
+    """The :class:`Echo` of a completions body with ``echo: true``, else None. Raises :class:`InvalidArgument`:
+    ``echo`` not a boolean, or set on a chat completion (chat has no echo); ``prompt`` as :func:`generation_request`
+    does."""
+    if not _get(body, "echo", "bool"):
+        return None
+    if chat:
+        raise InvalidArgument("is a completions parameter; chat completions have no echo", field="echo")
+    return Echo(_prompt(body), score_only=_get(body, "max_tokens", "int") == 0)
+
+
 def generation_request(body: dict, *, chat: bool, adapter_id: str, max_new_tokens_limit: int,
                        **stop_limits) -> GenerationRequest:
     """The engine request of a ``/v1/completions`` (``chat`` False) or ``/v1/chat/completions`` body; ``model``
-    is already resolved to ``adapter_id`` ("" = base). Raises :class:`InvalidArgument` naming the OpenAI
-    parameter (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``logprobs``, ``top_logprobs``,
-    ``response_format``, ``guided_regex``, ``guided_choice``, ``prompt``, ``messages``, or an unsupported one)."""
+    is already resolved to ``adapter_id`` ("" = base). Completions with ``echo: true`` and ``logprobs: k`` also
+    ask the engine for the prompt's log-probabilities (``prompt_logprobs = k``); with ``max_tokens: 0`` too (see
+    :class:`Echo`) the engine generates one token that the response drops. Raises :class:`InvalidArgument` naming
+    the OpenAI parameter (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``logprobs``,
+    ``top_logprobs``, ``echo``, ``response_format``, ``guided_regex``, ``guided_choice``, ``prompt``, ``messages``,
+    or an unsupported one)."""
     _check_unsupported(body)
     is_stream(body)
+    echo = echo_of(body, chat=chat)
     fields: dict = {"stop": _stop(body), **_logprob_fields(body, chat), "response_format": _response_format(body)}
     max_tokens = _get(body, "max_tokens", "int")
     if chat and max_tokens is None:
         max_tokens = _get(body, "max_completion_tokens", "int")
+    if echo is not None and "top_logprobs" in fields:
+        fields["prompt_logprobs"] = fields["top_logprobs"]
+    if max_tokens == 0 and echo is None:
+        raise InvalidArgument("must be >= 1 (0 only with echo: true, to score the prompt)", field="max_tokens")
+    if echo is not None and echo.score_only:
+        max_tokens = 1  # the engine generates >= 1 token: one, which the response drops
+        fields.pop("logprobs", None)
+        fields.pop("top_logprobs", None)
     for name, kind, value in (("temperature", "number", None), ("top_p", "number", None), ("seed", "int", None)):
         value = _get(body, name, kind)
         if value is not None:
@@ -206,13 +246,40 @@ def logprobs_body(entries: tuple[TokenLogprob, ...], *, chat: bool, asked: bool,
         return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
                              "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
                                               for t in e.top_logprobs]} for e in entries]}
+    return _legacy([(e.token, e.logprob, {t.token: t.logprob for t in e.top_logprobs}) for e in entries],
+                   text_offset)
+
+
+def _legacy(items: list[tuple[str, float | None, dict | None]], text_offset: int) -> dict:
+    """The legacy completions ``logprobs`` of ``(token, logprob, top)`` items, offsets from ``text_offset``."""
     offsets, at = [], text_offset
-    for e in entries:
+    for token, _, _ in items:
         offsets.append(at)
-        at += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
-            "text_offset": offsets}
+        at += len(token)
+    return {"tokens": [t for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
+            "top_logprobs": [top for _, _, top in items], "text_offset": offsets}
+
+
+def prompt_logprobs_body(prompt: str, entries: tuple[TokenLogprob, ...]) -> dict:
+    """The legacy completions ``logprobs`` of an echoed prompt (offsets from 0): its first token with ``null``
+    log-probability and top_logprobs (OpenAI's shape: nothing precedes it), then ``entries``, the engine's prompt
+    log-probabilities of tokens 1 … n-1.
+
+    The engine does not name the first token, so its text is the part of ``prompt`` before the other tokens' texts:
+    with a tokenizer whose tokens' texts concatenate to the prompt, every offset indexes the choice's ``text`` and a
+    BOS token reads ``""``; where they do not (a SentencePiece token read alone drops its leading space, say), it
+    is ``""`` and offsets are the running sum of the tokens' lengths, as for generated tokens."""
+    rest = "".join(e.token for e in entries)
+    first = prompt[:len(prompt) - len(rest)] if prompt.endswith(rest) else ""
+    return _legacy([(first, None, None)] + [(e.token, e.logprob, {t.token: t.logprob for t in e.top_logprobs})
+                                            for e in entries], 0)
+
+
+def join_logprobs(head: dict | None, tail: dict | None) -> dict | None:
+    """Two legacy completions ``logprobs`` objects (prompt part, then completion part) as one; None when both are."""
+    if head is None or tail is None:
+        return head or tail
+    return {key: head[key] + tail[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def completion_body(*, chat: bool, request_id: str, model: str, text: str, reason: str | None,

@@ -16,6 +16,9 @@ H query heads in H_kv groups of G = H / H_kv (grouped-query attention), head dim
 Prefill chunks (T > 1) use PyTorch's ``scaled_dot_product_attention`` with that mask (its fused kernels skip masked
 blocks and never materialize the ``[T, L]`` scores); the decode step (T = 1, the captured one) multiplies the G
 queries of a group against the gathered keys directly, with the softmax in float32 as transformers' eager attention.
+
+:meth:`DecoderForward.__call__` returns each row's last-token logits; :meth:`DecoderForward.hidden_states` +
+:meth:`DecoderForward.logits` give any position's (prompt scoring, :mod:`server.model.runner`).
 """
 
 from __future__ import annotations
@@ -140,6 +143,24 @@ class DecoderForward:
         Returns:
             ``[N, V]`` logits of each row's last real token, in the LM head's dtype.
         """
+        hidden = self.hidden_states(inp, pool, use_lora)
+        n = hidden.shape[0]
+        return self.logits(hidden[torch.arange(n, device=hidden.device), inp.last_index])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` logits (the LM head's dtype) of ``[..., hidden]`` decoder outputs (:meth:`hidden_states`):
+        the final norm then the LM head, position by position (the LM head has no LoRA term)."""
+        return self.head(self.norm(hidden))
+
+    def hidden_states(self, inp: StepInputs, pool: KVPool, use_lora: bool) -> torch.Tensor:
+        """Run one step's decoder layers; write the step's keys/values to ``pool``.
+
+        Args: as :meth:`__call__`.
+
+        Returns:
+            ``[N, T, hidden]`` output of the last decoder layer at every position (before the final norm; padding
+            positions hold garbage), in the model's compute dtype. :meth:`logits` turns any of them into logits.
+        """
         n, t = inp.input_ids.shape
         hidden = self.embed(inp.input_ids)  # [N, T, hidden]
         cos, sin = self.rotary(hidden, inp.positions)  # [N, T, D] each
@@ -189,8 +210,7 @@ class DecoderForward:
             x = layer.post_attention_layernorm(hidden)
             gate, up = self._project(l, (4, 5), (mlp.gate_proj, mlp.up_proj), x, lora)
             hidden = hidden + self._project(l, (6,), (mlp.down_proj,), mlp.act_fn(gate) * up, lora)[0]
-        last = hidden[torch.arange(n, device=hidden.device), inp.last_index]  # [N, hidden]
-        return self.head(self.norm(last))
+        return hidden
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,14 @@ Host → device traffic per step is ONE int64 array per step: each row is packed
     [input ids (T) | positions (T) | write rows (T) | context_len | lora slot | last index | block table (nb)]
 
 and copied in one transfer (a decode step on CUDA copies it straight into the captured graph's input buffer).
+A prefill step whose rows score their prompt (:meth:`ModelRunner.prefill_scored`) appends those rows' target ids
+to that same array.
+
+Prompt scoring: the forward pass computes every position's hidden state anyway; only each row's last one goes
+through the final norm and the LM head. A row that scores its prompt also sends its chunk's positions through them,
+:data:`SCORE_CHUNK_ELEMENTS` logits at a time (so ``[T, V]`` float32 never materializes for a long prompt), and
+:func:`server.model.sampling.prompt_logprob_scores` turns them into log-probabilities. Rows that do not ask cost
+nothing more.
 """
 
 from __future__ import annotations
@@ -25,8 +33,13 @@ from server.errors import FailedPrecondition
 from server.model.forward import DecoderForward, StepInputs
 from server.model.kv_cache import KVPool
 from server.model.lora import LoraBanks
+from server.model.sampling import PromptScores, prompt_logprob_scores
 
 log = logging.getLogger(__name__)
+
+#: Most logits (positions x vocabulary) one prompt-scoring chunk computes at once: 2**22 float32 values are 16 MiB;
+#: with the log-softmax and the top-k sort's values and int64 ids a chunk peaks near 5x that (about 80 MiB).
+SCORE_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,24 @@ class StepRow:
     start: int
     blocks: tuple[int, ...]
     slot: int = -1
+
+
+@dataclass(frozen=True)
+class PromptScoring:
+    """What one prefill row scores: position i of its chunk (``0 <= i < len(targets)``) predicts ``targets[i]``.
+
+    A chunk of prompt tokens ``prompt[s:s + c]`` of an n-token prompt scores ``targets = prompt[s + 1:min(s + c + 1,
+    n)]``: its positions within the chunk predict the next prompt token, and its last position predicts the first
+    token of the next chunk (on the prompt's last chunk that position predicts the first generated token, which is
+    not scored). So chunked and unchunked prefill score the same positions.
+
+    Attributes:
+        targets: token ids, 1 .. ``len(tokens)`` of them (non-empty).
+        top_k: the most likely tokens to return per position (0 .. V).
+    """
+
+    targets: tuple[int, ...]
+    top_k: int
 
 
 def pack_rows(rows: list[StepRow], n: int, t: int, nb: int, block_size: int, none_slot: int) -> np.ndarray:
@@ -109,6 +140,26 @@ class ModelRunner:
         self.device = pool.keys[0].device
         self.graph_status = "on" if graphs is not None else "off"
         self.capture_seconds = 0.0
+        vocab = int(forward.head.weight.shape[0])
+        #: Positions per prompt-scoring chunk (at least 1; tests lower it to exercise the chunking).
+        self.score_chunk = max(1, SCORE_CHUNK_ELEMENTS // vocab)
+
+    def _inputs(self, rows: list[StepRow], n: int | None, nb: int | None,
+                extra: tuple[int, ...] | list[int] = ()) -> tuple[StepInputs, torch.Tensor, bool]:
+        """The step's :class:`StepInputs` and ``extra`` ids (``[len(extra)]`` int64), copied to the device in one
+        transfer, and whether any row uses an adapter."""
+        t = max(len(r.tokens) for r in rows)
+        nb = nb or max(len(r.blocks) for r in rows)
+        host = pack_rows(rows, n or len(rows), t, nb, self.pool.block_size, self.banks.none_slot)
+        if len(extra):
+            shape = host.shape
+            host = np.concatenate([host.reshape(-1), np.asarray(extra, dtype=np.int64)])
+            buf = torch.from_numpy(host).to(self.device)
+            packed, tail = buf[:shape[0] * shape[1]].view(shape), buf[shape[0] * shape[1]:]
+        else:
+            packed = torch.from_numpy(host).to(self.device)
+            tail = packed.new_empty(0)
+        return unpack(packed, t, nb), tail, any(r.slot >= 0 for r in rows)
 
     @torch.inference_mode()
     def eager(self, rows: list[StepRow], n: int | None = None, nb: int | None = None) -> torch.Tensor:
@@ -121,12 +172,8 @@ class ModelRunner:
         Returns:
             ``[len(rows), V]`` logits of each row's last token.
         """
-        t = max(len(r.tokens) for r in rows)
-        nb = nb or max(len(r.blocks) for r in rows)
-        host = pack_rows(rows, n or len(rows), t, nb, self.pool.block_size, self.banks.none_slot)
-        buf = torch.from_numpy(host).to(self.device)
-        use_lora = any(r.slot >= 0 for r in rows)
-        return self.forward(unpack(buf, t, nb), self.pool, use_lora)[:len(rows)]
+        inp, _, use_lora = self._inputs(rows, n, nb)
+        return self.forward(inp, self.pool, use_lora)[:len(rows)]
 
     def prefill(self, rows: list[StepRow]) -> torch.Tensor:
         """One prefill step: each row's prompt chunk (eager; rows padded to the longest chunk).
@@ -135,6 +182,47 @@ class ModelRunner:
             ``[len(rows), V]`` logits of each row's last chunk token.
         """
         return self.eager(rows)
+
+    @torch.inference_mode()
+    def prefill_scored(self, rows: list[StepRow], scoring: list[PromptScoring | None],
+                       ) -> tuple[torch.Tensor, list[PromptScores | None]]:
+        """One prefill step that also scores prompt tokens for the rows that ask (:class:`PromptScoring`).
+
+        Args:
+            rows: as :meth:`prefill`.
+            scoring: one entry per row: None (not scored: costs nothing more than :meth:`prefill`) or what to score.
+
+        Returns:
+            ``(logits, scores)``: ``logits`` as :meth:`prefill` (``[len(rows), V]``, the LM head's dtype);
+            ``scores[i]`` None for a row not scored, else its :class:`~server.model.sampling.PromptScores` on the
+            device (``len(targets)`` positions), computed :attr:`score_chunk` positions at a time. No host sync.
+
+        Raises:
+            ValueError: ``scoring`` is not one entry per row, or a row's targets are empty or outnumber its tokens.
+        """
+        if len(scoring) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(scoring)} scoring entries")
+        for i, (row, sc) in enumerate(zip(rows, scoring)):
+            if sc is not None and not 1 <= len(sc.targets) <= len(row.tokens):
+                raise ValueError(f"row {i}: {len(sc.targets)} targets for {len(row.tokens)} tokens")
+        extra = [tid for sc in scoring if sc is not None for tid in sc.targets]
+        inp, targets, use_lora = self._inputs(rows, None, None, extra)
+        hidden = self.forward.hidden_states(inp, self.pool, use_lora)  # [N, T, hidden]
+        n = len(rows)
+        logits = self.forward.logits(hidden[torch.arange(n, device=hidden.device), inp.last_index[:n]])
+        scores: list[PromptScores | None] = []
+        at = 0
+        for i, sc in enumerate(scoring):
+            if sc is None:
+                scores.append(None)
+                continue
+            p, step = len(sc.targets), self.score_chunk
+            parts = [prompt_logprob_scores(self.forward.logits(hidden[i, a:min(a + step, p)]),
+                                           targets[at + a:at + min(a + step, p)], sc.top_k)
+                     for a in range(0, p, step)]
+            scores.append(parts[0] if len(parts) == 1 else PromptScores.cat(parts))
+            at += p
+        return logits, scores
 
     def decode(self, rows: list[StepRow]) -> torch.Tensor:
         """One decode step (one token per row): replays a captured graph when one fits, else runs eagerly.

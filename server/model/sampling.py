@@ -26,6 +26,8 @@ Entry points: :func:`request_seed` (once per request, at submit), :func:`select_
 host sync; :func:`select_tokens_logprobs` also returns log-probabilities, see :func:`logprob_scores`, for the rows
 that ask, in the same sync), and for a model runner that keeps its own device buffers :func:`sampling_tensors` +
 :func:`sample` (no sync). :func:`probabilities` returns the exact per-row distribution that :func:`sample` draws from.
+Prompt scoring (``SamplingParams.prompt_logprobs``) is apart from sampling: :func:`prompt_logprob_scores` (the raw
+logits' float32 log-softmax at every scored prompt position, on the device) and :func:`prompt_scores_to_host`.
 """
 
 from __future__ import annotations
@@ -398,6 +400,87 @@ def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(bits == 0, -math.inf)
 
 
+@dataclass(frozen=True)
+class PromptScores:
+    """One row's prompt log-probabilities, on the device (from :func:`prompt_logprob_scores`).
+
+    Attributes:
+        chosen: ``[P]`` float32, the log-probability of each scored position's next prompt token.
+        top_values: ``[P, k]`` float32, the k largest log-probabilities at each position, most likely first.
+        top_ids: ``[P, k]`` int64, their token ids (ties: the lower id first).
+    """
+
+    chosen: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
+
+    @staticmethod
+    def cat(parts: Sequence["PromptScores"]) -> "PromptScores":
+        """The scores of consecutive position ranges (``parts`` non-empty, one k) as one, in order."""
+        return PromptScores(torch.cat([p.chosen for p in parts]), torch.cat([p.top_values for p in parts]),
+                            torch.cat([p.top_ids for p in parts]))
+
+
+def prompt_logprob_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> PromptScores:
+    """Prompt log-probabilities of P positions: the model's own next-token distribution, no sampling parameter.
+
+    That is ``log_softmax(logits.float())`` — float32, natural log, of the raw logits (the request's adapter is
+    already in them; no repetition penalty and no temperature, unlike :func:`logprob_scores`, since a prompt is
+    scored, not sampled). A non-finite logit gives NaN values; nothing raises for it.
+
+    Args:
+        logits: ``[P, V]`` logits of P positions (any float dtype, any device).
+        targets: ``[P]`` int64 token ids on the same device: the token that follows each position (in ``0 .. V-1``).
+        k: how many most likely tokens to return per position (``0 .. V``; values above V return V).
+
+    Returns:
+        :class:`PromptScores` on the logits' device: ``chosen [P]``, ``top_values [P, k]``, ``top_ids [P, k]``
+        (a stable descending sort, as :func:`select_tokens_logprobs`: ties come lowest id first). With k = 0 no sort
+        runs.
+
+    Raises:
+        Whatever torch raises for malformed input (wrong shapes, an id out of range, mismatched devices).
+    """
+    lp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    chosen = lp.gather(1, targets.reshape(-1, 1)).reshape(-1)
+    k = min(k, lp.shape[1])
+    if k <= 0:
+        empty = lp.new_empty((lp.shape[0], 0))
+        return PromptScores(chosen, empty, empty.to(torch.int64))
+    values, ids = torch.sort(lp, dim=-1, descending=True, stable=True)
+    # copies, not views: a view would keep the whole [P, V] sort alive while the caller scores further chunks
+    return PromptScores(chosen, values[:, :k].clone(), ids[:, :k].clone())
+
+
+def prompt_scores_to_host(scores: Sequence[PromptScores | None]) -> list[list[RowLogprobs] | None]:
+    """Bring every row's :class:`PromptScores` to the host in ONE transfer (a host sync: call it after the step's
+    other device work is queued — after the sampler's own sync, the device is idle and this only copies).
+
+    Returns:
+        Per row: None where ``scores[i]`` is None, else one :class:`RowLogprobs` per scored position
+        (``logprob`` the target's value, ``top`` the k ``(token_id, logprob)`` pairs), float32 values as Python
+        floats.
+    """
+    present = [s for s in scores if s is not None]
+    if not present:
+        return [None] * len(scores)
+    # float64 holds every float32 value and every token id below 2**53 exactly: one flat tensor, one transfer
+    flat = torch.cat([t.to(torch.float64).reshape(-1) for s in present
+                      for t in (s.chosen, s.top_values, s.top_ids)]).tolist()
+    out: list[list[RowLogprobs] | None] = []
+    at = 0
+    for s in scores:
+        if s is None:
+            out.append(None)
+            continue
+        p, k = s.top_values.shape
+        chosen, values, ids = flat[at:at + p], flat[at + p:at + p + p * k], flat[at + p + p * k:at + p + 2 * p * k]
+        at += p + 2 * p * k
+        out.append([RowLogprobs(chosen[i], tuple((int(ids[i * k + j]), values[i * k + j]) for j in range(k)))
+                    for i in range(p)])
+    return out
+
+
 def select_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   seen: Sequence[Sequence[int]] | torch.Tensor | None, seeds: Sequence[int],
                   steps: Sequence[int]) -> list[int | ServerError]:
@@ -448,8 +531,11 @@ def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams
         st, errors = sampling_tensors(params, seen, seeds, steps, logits.device)
         if logits.dim() != 2 or logits.shape[0] != b:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {b} rows")
+        constrained = set()
         if allowed is not None:
-            logits = apply_allowed(logits, allowed_to_device(allowed, logits.device))
+            host_mask = torch.as_tensor(allowed)
+            constrained = set((host_mask != -1).any(dim=1).nonzero().reshape(-1).tolist())  # rows with a grammar
+            logits = apply_allowed(logits, allowed_to_device(host_mask, logits.device))
         if not st.any_sampled and st.seen is None:  # fast path: argmax + validity
             tokens, status = logits.argmax(dim=-1), torch.where(_valid_rows(logits), OK, NON_FINITE)
         else:
@@ -494,7 +580,8 @@ def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams
         if isinstance(out[i], int):
             k = min(logprobs[i], k_max)
             base = j * k_max
-            # a token the grammar forbids (-inf) is not a likely alternative: list only tokens that can occur
-            row_lps[i] = RowLogprobs(chosen_list[j], tuple((int(ids[base + m]), values[base + m]) for m in range(k)
-                                                           if values[base + m] != -math.inf))
+            top = tuple((int(ids[base + m]), values[base + m]) for m in range(k))
+            if i in constrained:  # a token the grammar forbids (-inf) is no alternative: list only those that can occur
+                top = tuple((tid, value) for tid, value in top if value != -math.inf)
+            row_lps[i] = RowLogprobs(chosen_list[j], top)
     return out, row_lps

@@ -44,16 +44,17 @@ _RESIDENCY_FROM_PROTO = {v: k for k, v in _RESIDENCY_TO_PROTO.items()}
 
 def sampling_params_from_proto(msg: pb.GenerateRequest, max_new_tokens_limit: int, **stop_limits) -> SamplingParams:
     """Read the sampling fields of ``msg``; unset optional fields take :class:`SamplingParams` defaults
-    (max_new_tokens 256 or ``max_new_tokens_limit`` when lower, top_p 1.0, repetition_penalty 1.0, seed None).
+    (max_new_tokens 256 or ``max_new_tokens_limit`` when lower, top_p 1.0, repetition_penalty 1.0, seed None,
+    prompt_logprobs None).
 
     ``max_new_tokens_limit`` is the server's cap (tokens). Raises :class:`InvalidArgument` naming the first bad
     field (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``,
-    ``top_logprobs``, ``stop``).
+    ``top_logprobs``, ``prompt_logprobs``, ``stop``).
     ``stop_limits`` (``max_stop_strings``, ``max_stop_chars``) go to :meth:`SamplingParams.validate`.
     """
     fields: dict = {"temperature": msg.temperature, "top_k": msg.top_k, "stop": tuple(msg.stop),
                     "ignore_eos": msg.ignore_eos, "logprobs": msg.logprobs, "top_logprobs": msg.top_logprobs}
-    for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
+    for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed", "prompt_logprobs"):
         if msg.HasField(name):
             fields[name] = getattr(msg, name)
     if msg.HasField("response_format"):
@@ -131,7 +132,8 @@ def timings_to_proto(t: Timings) -> pb.Timings:
 
 
 def token_logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
-    """One generated token's log-probabilities → ``TokenLogprob`` (values become float32 on the wire)."""
+    """One generated (or scored prompt) token's log-probabilities → ``TokenLogprob`` (values become float32 on the
+    wire)."""
     return pb.TokenLogprob(token_id=lp.token_id, token=lp.token, logprob=lp.logprob,
                            top_logprobs=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
                                          for t in lp.top_logprobs])
@@ -149,14 +151,16 @@ def generate_response_to_proto(result: GenerationResult) -> pb.GenerateResponse:
         request_id=result.request_id, text=result.text, finish_reason=finish_reason_to_proto(result.finish_reason),
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
         timings=timings_to_proto(result.timings),
-        logprobs=[token_logprob_to_proto(lp) for lp in result.logprobs])
+        logprobs=[token_logprob_to_proto(lp) for lp in result.logprobs],
+        prompt_logprobs=[token_logprob_to_proto(lp) for lp in result.prompt_logprobs])
 
 
 def stream_event_to_proto(event: GenerationEvent) -> pb.GenerateStreamResponse:
     """One engine event → ``GenerateStreamResponse``; token counts and timings only on the finished event. The caller
     handles ``event.error`` (it is not representable here)."""
     msg = pb.GenerateStreamResponse(request_id=event.request_id, text=event.text,
-                                    logprobs=[token_logprob_to_proto(lp) for lp in event.logprobs])
+                                    logprobs=[token_logprob_to_proto(lp) for lp in event.logprobs],
+                                    prompt_logprobs=[token_logprob_to_proto(lp) for lp in event.prompt_logprobs])
     if event.finished:
         msg.finish_reason = finish_reason_to_proto(event.finish_reason)
         msg.prompt_tokens = event.prompt_tokens
@@ -188,6 +192,8 @@ def generate_request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
     _set_field(msg, "top_logprobs", p.top_logprobs)
     if p.response_format is not None:
         msg.response_format.CopyFrom(response_format_to_proto(p.response_format))
+    if p.prompt_logprobs is not None:  # unset = none; 0 is a real value (the prompt tokens' own log-probability)
+        _set_field(msg, "prompt_logprobs", p.prompt_logprobs)
     defaults = SamplingParams()
     for name in ("max_new_tokens", "top_p", "repetition_penalty", "seed"):
         value = getattr(p, name)
@@ -222,7 +228,8 @@ def generation_result_from_proto(msg: pb.GenerateResponse) -> GenerationResult:
         request_id=msg.request_id, text=msg.text, token_ids=(),
         finish_reason=finish_reason_from_proto(msg.finish_reason) or "",
         prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
-        timings=timings_from_proto(msg.timings), logprobs=tuple(token_logprob_from_proto(m) for m in msg.logprobs))
+        timings=timings_from_proto(msg.timings), logprobs=tuple(token_logprob_from_proto(m) for m in msg.logprobs),
+        prompt_logprobs=tuple(token_logprob_from_proto(m) for m in msg.prompt_logprobs))
 
 
 def stream_event_from_proto(msg: pb.GenerateStreamResponse) -> GenerationEvent:
@@ -230,10 +237,13 @@ def stream_event_from_proto(msg: pb.GenerateStreamResponse) -> GenerationEvent:
     finish reason."""
     reason = finish_reason_from_proto(msg.finish_reason)
     logprobs = tuple(token_logprob_from_proto(m) for m in msg.logprobs)
+    prompt_logprobs = tuple(token_logprob_from_proto(m) for m in msg.prompt_logprobs)
     if reason is None:
-        return GenerationEvent(request_id=msg.request_id, text=msg.text, logprobs=logprobs)
+        return GenerationEvent(request_id=msg.request_id, text=msg.text, logprobs=logprobs,
+                               prompt_logprobs=prompt_logprobs)
     return GenerationEvent(
         request_id=msg.request_id, text=msg.text, finished=True, finish_reason=reason, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens,
         timings=timings_from_proto(msg.timings) if msg.HasField("timings") else None)
 

@@ -95,6 +95,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         parts: list[str] = []
         token_ids: list[int] = []
         logprobs: list = []
+        prompt_logprobs: list = []
         finished = False
         try:
             for event in stream:
@@ -103,13 +104,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 parts.append(event.text)
                 token_ids.extend(event.token_ids)
                 logprobs.extend(event.logprobs)
+                prompt_logprobs.extend(event.prompt_logprobs)
                 if event.finished:
                     finished = True
                     return convert.generate_response_to_proto(GenerationResult(
                         request_id=event.request_id or stream.request_id, text="".join(parts),
                         token_ids=tuple(token_ids), finish_reason=event.finish_reason or "",
                         prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                        timings=event.timings or _ZERO_TIMINGS, logprobs=tuple(logprobs)))
+                        timings=event.timings or _ZERO_TIMINGS, logprobs=tuple(logprobs),
+                        prompt_logprobs=tuple(prompt_logprobs)))
             raise _ended_early(context, clock, self._app)
         finally:
             if not finished:
@@ -117,7 +120,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def GenerateStream(self, request: pb.GenerateRequest,
                        context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
-        """Stream the answer as text deltas; the last message carries finish reason, token counts and timings."""
+        """Stream the answer as text deltas; the last message carries finish reason, token counts and timings, the
+        first the prompt's log-probabilities when the request asked (``prompt_logprobs``)."""
         stream, clock = self._submit(request, context)
         finished = False
         try:
@@ -128,7 +132,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     finished = True
                     yield convert.stream_event_to_proto(event)
                     return
-                if event.text or event.logprobs:  # a chunk carries its tokens' log-probabilities
+                # a chunk carries its tokens' log-probabilities; the first may carry only the prompt's
+                if event.text or event.logprobs or event.prompt_logprobs:
                     yield convert.stream_event_to_proto(event)
             raise _ended_early(context, clock, self._app)
         finally:

@@ -38,7 +38,7 @@ def req(rid, fmt, prompt="hello", adapter="", **params):
     return GenerationRequest(request_id=rid, adapter_id=adapter, prompt=prompt, params=SamplingParams(**params))
 
 
-# --- JSON Schema: random bounded schemas, output validated by jsonschema ---------------------------------------------
+# --- JSON Schema: random bounded schemas, output validated by jsonschema ----------------------------------------------
 
 _leaf = st.one_of(
     st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
@@ -99,7 +99,7 @@ def test_sampled_text_is_one_of_random_choices(engine, choices, seed):
     assert result.finish_reason in ("stop", "eos")
 
 
-# --- batches: constrained and free rows, different formats and adapters ----------------------------------------------
+# --- batches: constrained and free rows, different formats and adapters ------------------------------------------------
 
 def test_constrained_and_free_rows_share_a_batch(engine):
     free = [req(f"free{i}", None, prompt=p, adapter=a, temperature=0.0, max_new_tokens=12, ignore_eos=True)

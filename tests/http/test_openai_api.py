@@ -108,6 +108,68 @@ def test_logprob_params_reach_the_engine_and_bad_ones_name_the_param(client, app
         assert info.value.param == param
 
 
+def test_echo_returns_the_prompt_then_the_completion(client, app):
+    out = client.completions.create(model="alpha", prompt="hello there", echo=True)
+    assert out.choices[0].text == "hello there" + "hello there" and out.choices[0].logprobs is None
+    assert app.engine.submitted[-1].params.prompt_logprobs is None  # no logprobs asked: the prompt is not scored
+
+
+def test_echo_with_logprobs_covers_the_prompt_tokens_first(client, app):
+    """The fake scores prompt word i (i >= 1) at -i/4 with alternatives p{i}, p200 and generates the prompt again,
+    word i at -i/8."""
+    out = client.completions.create(model="alpha", prompt="hello there", echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert app.engine.submitted[-1].params.prompt_logprobs == 2 and app.engine.submitted[-1].params.top_logprobs == 2
+    assert lp.tokens == ["hello", " there", "hello", " there"]
+    assert lp.token_logprobs == [None, -0.25, 0.0, -0.125]  # the first prompt token has none, as OpenAI's
+    assert lp.top_logprobs == [None, {"p1": -0.25, "p200": -4.0}, {"t0": 0.0, "t100": -3.0},
+                               {"t1": -0.125, "t100": -3.0}]
+    assert lp.text_offset == [0, 5, 11, 16]
+    text = out.choices[0].text
+    assert [text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+    assert out.usage.prompt_tokens == 2 and out.usage.completion_tokens == 2
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(client, app):
+    out = client.completions.create(model="alpha", prompt="a b c", echo=True, logprobs=0, max_tokens=0)
+    choice = out.choices[0]
+    assert choice.text == "a b c" and choice.finish_reason == "length" and out.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == ["a", " b", " c"] and choice.logprobs.token_logprobs == [None, -0.25, -0.5]
+    assert choice.logprobs.top_logprobs == [None, {}, {}] and choice.logprobs.text_offset == [0, 1, 3]
+    params = app.engine.submitted[-1].params
+    assert (params.max_new_tokens, params.prompt_logprobs, params.wants_logprobs) == (1, 0, False)
+    plain = client.completions.create(model="alpha", prompt="a b c", echo=True, max_tokens=0)
+    assert plain.choices[0].text == "a b c" and plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("max_tokens", [None, 0])
+def test_streamed_echo_sends_the_prompt_first_and_equals_the_unary_answer(client, max_tokens):
+    kw = {"model": "alpha", "prompt": "one two three", "echo": True, "logprobs": 1, "max_tokens": max_tokens}
+    whole = client.completions.create(**kw).choices[0]
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].text == "one two three"
+    assert chunks[0].choices[0].logprobs.tokens == ["one", " two", " three"]
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    merged = {key: [v for c in chunks if c.choices[0].logprobs for v in getattr(c.choices[0].logprobs, key)]
+              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert merged == {key: getattr(whole.logprobs, key) for key in merged}
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+    assert chunks[-1].usage.completion_tokens == (0 if max_tokens == 0 else 3)
+
+
+def test_echo_errors_name_the_param(client):
+    with pytest.raises(openai.BadRequestError) as info:  # chat completions have no echo
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"echo": True})
+    assert info.value.param == "echo"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="hi", extra_body={"echo": "yes"})
+    assert info.value.param == "echo"
+    with pytest.raises(openai.BadRequestError) as info:  # 0 only to score a prompt
+        client.completions.create(model="alpha", prompt="hi", max_tokens=0)
+    assert info.value.param == "max_tokens" and "echo" in info.value.message
+
+
 def test_invalid_values_name_the_openai_param(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="alpha", prompt="hi", max_tokens=65)  # the fake's cap is 64

@@ -105,6 +105,27 @@ def test_adapter_by_model_matches_grpc_generate(tmp_path):
         got = oai.completions.create(model="alpha", prompt="pet:", max_tokens=8, temperature=0,
                                      extra_body={"guided_choice": ["cat", "dog", "fish"]})
         assert got.choices[0].text == want.text and want.text in ("cat", "dog", "fish")
+        # Echo: the prompt's log-probabilities are gRPC's prompt_logprobs (tests/engine/test_prompt_logprobs.py checks
+        # those against transformers), the first prompt token null; then the completion's, offsets into the text.
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            ref = client.generate(GenerationRequest(request_id="", adapter_id="alpha", prompt="hello world",
+                                                    params=SamplingParams(max_new_tokens=4, top_logprobs=2,
+                                                                          prompt_logprobs=2)))
+        assert len(ref.prompt_logprobs) == ref.prompt_tokens - 1 == len("hello world") - 1  # byte tokens, no BOS
+        echo = oai.completions.create(model="alpha", prompt="hello world", max_tokens=4, temperature=0, logprobs=2,
+                                      echo=True)
+        got = echo.choices[0]
+        assert got.text == "hello world" + ref.text
+        want = [None] + [e.logprob for e in ref.prompt_logprobs] + [e.logprob for e in ref.logprobs]
+        assert got.logprobs.token_logprobs == pytest.approx(want, abs=1e-6)
+        assert got.logprobs.tokens[:len("hello world")] == list("hello world")
+        assert got.logprobs.top_logprobs[0] is None and got.logprobs.top_logprobs[1] == {
+            t.token: pytest.approx(t.logprob, abs=1e-6) for t in ref.prompt_logprobs[0].top_logprobs}
+        assert [got.text[o:o + len(t)] for o, t in zip(got.logprobs.text_offset, got.logprobs.tokens)
+                ][:len("hello world")] == list("hello world")
+        scored = oai.completions.create(model="alpha", prompt="hello world", max_tokens=0, logprobs=0, echo=True)
+        assert scored.choices[0].text == "hello world" and scored.usage.completion_tokens == 0
+        assert scored.choices[0].logprobs.token_logprobs == pytest.approx(want[:len("hello world")], abs=1e-6)
     finally:
         http.stop()
         grpc_server.stop(None)

@@ -110,6 +110,15 @@ class FakeEngine:
                 return (TokenLogprob(i, pieces[i], -i / 8, top),)
             events = [GenerationEvent(rid, text=p, token_ids=(i,), logprobs=lps(i))
                       for i, p in enumerate(pieces[:-1])]
+            k = request.params.prompt_logprobs
+            if k is not None and len(pieces) > 1:
+                # the prompt's words are its tokens: word i (i >= 1) has log-probability -i/4 and top alternatives
+                # (i, -i/4), (200, -4.0)...; a first event of their own, as the real engine's
+                def prompt_lp(i):
+                    top = tuple(TopLogprob(t, f"p{t}", v) for t, v in [(i, -i / 4), (200, -4.0)][:k])
+                    return TokenLogprob(i, pieces[i], -i / 4, top)
+                prompt_lps = tuple(prompt_lp(i) for i in range(1, len(pieces)))
+                events.insert(0, GenerationEvent(rid, prompt_logprobs=prompt_lps))
             events.append(GenerationEvent(rid, text=pieces[-1], token_ids=(len(pieces) - 1,), finished=True,
                                           logprobs=lps(len(pieces) - 1),
                                           finish_reason=FINISH_LENGTH, prompt_tokens=len(words),

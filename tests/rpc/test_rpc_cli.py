@@ -80,6 +80,23 @@ def test_generate_logprobs_flags_print_json_lines_to_stderr(address, app, capsys
     assert app.engine.submitted[0].params.top_logprobs == 2
 
 
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_generate_prompt_logprobs_print_prompt_lines_first(address, app, capsys, stream):
+    assert main(["generate", "--target", address, "--prompt", "a b c", "--prompt-logprobs", "1", "--logprobs",
+                 *stream]) == 0
+    out = capsys.readouterr()
+    assert out.out == "a b c\n"
+    lines = [json.loads(line) for line in out.err.splitlines()]
+    assert [(d["token_id"], d.get("prompt", False)) for d in lines] == [
+        (1, True), (2, True), (0, False), (1, False), (2, False)]
+    assert [d["logprob"] for d in lines[:2]] == [-0.25, -0.5] and lines[0]["top_logprobs"][0]["token_id"] == 1
+    assert app.engine.submitted[0].params.prompt_logprobs == 1
+    for bad in ("-1", "21", "x"):
+        with pytest.raises(SystemExit):
+            main(["generate", "--target", address, "--prompt", "a", "--prompt-logprobs", bad])
+    capsys.readouterr()
+
+
 def test_client_errors_print_code_and_exit_1(address, capsys):
     assert main(["generate", "--target", address, "--prompt", "x", "--adapter", "nope"]) == 1
     err = capsys.readouterr().err

@@ -168,6 +168,43 @@ def test_logprobs_round_trip_in_responses_and_stream_events():
 TIMINGS_FOR_LOGPROBS = Timings(queue_seconds=0.5, ttft_seconds=1.0, total_seconds=3.0, tpot_seconds=0.25)
 
 
+def test_prompt_logprobs_field_presence_round_trip_and_validation():
+    """Unset = None (no scoring); 0 is a value of its own (set on the wire); 0..20 accepted, else INVALID_ARGUMENT
+    naming prompt_logprobs."""
+    assert _convert(pb.GenerateRequest(prompt="p")).params.prompt_logprobs is None
+    for k in (0, 1, MAX_TOP_LOGPROBS):
+        assert _convert(pb.GenerateRequest(prompt="p", prompt_logprobs=k)).params.prompt_logprobs == k
+    for k in (-1, MAX_TOP_LOGPROBS + 1, 2**31 - 1):
+        assert _field_error(pb.GenerateRequest(prompt="p", prompt_logprobs=k)) == "prompt_logprobs"
+    for k in (None, 0, 7):
+        req = GenerationRequest(request_id="r", prompt="p", params=SamplingParams(max_new_tokens=5,
+                                                                                  prompt_logprobs=k))
+        msg = convert.generate_request_to_proto(req)
+        assert msg.HasField("prompt_logprobs") == (k is not None)
+        wire = pb.GenerateRequest.FromString(msg.SerializeToString())
+        assert convert.generation_request_from_proto(wire, default_request_id="x", max_new_tokens_limit=LIMIT) == req
+    with pytest.raises(InvalidArgument) as info:  # a value the int32 cannot hold names the field client-side too
+        convert.generate_request_to_proto(GenerationRequest(request_id="r", prompt="p",
+                                                            params=SamplingParams(prompt_logprobs=2**40)))
+    assert info.value.field == "prompt_logprobs"
+
+
+def test_prompt_logprobs_round_trip_in_responses_and_stream_events():
+    result = GenerationResult("r", "a b", (5, 9), "length", 3, 2, TIMINGS_FOR_LOGPROBS, LOGPROBS,
+                              prompt_logprobs=LOGPROBS[::-1])
+    msg = convert.generate_response_to_proto(result)
+    assert [m.token_id for m in msg.prompt_logprobs] == [9, 5] and len(msg.logprobs) == 2
+    wire = pb.GenerateResponse.FromString(msg.SerializeToString())
+    assert convert.generation_result_from_proto(wire).prompt_logprobs == LOGPROBS[::-1]
+    for event in (GenerationEvent("r", prompt_logprobs=LOGPROBS),  # the engine's first event: no text
+                  GenerationEvent("r", text="", finished=True, finish_reason="eos", prompt_logprobs=LOGPROBS[:1],
+                                  timings=TIMINGS_FOR_LOGPROBS)):
+        msg = pb.GenerateStreamResponse.FromString(convert.stream_event_to_proto(event).SerializeToString())
+        back = convert.stream_event_from_proto(msg)
+        assert back.prompt_logprobs == event.prompt_logprobs and back.finished == event.finished
+    assert not convert.generate_response_to_proto(dataclasses.replace(result, prompt_logprobs=())).prompt_logprobs
+
+
 TIMINGS = Timings(queue_seconds=0.5, ttft_seconds=1.0, total_seconds=3.0, tpot_seconds=0.25)
 
 

@@ -86,6 +86,18 @@ def test_logprobs_in_unary_and_stream_are_the_same(generation, kwargs):
     assert [lp for c in chunks for lp in c.logprobs] == list(unary.logprobs)
 
 
+def test_prompt_logprobs_come_in_the_first_stream_message_and_the_unary_answer(generation):
+    unary = generation.Generate(pb.GenerateRequest(prompt="one two three", prompt_logprobs=2))
+    chunks = list(generation.GenerateStream(pb.GenerateRequest(prompt="one two three", prompt_logprobs=2)))
+    assert [(m.token_id, m.token, m.logprob) for m in unary.prompt_logprobs] == [(1, " two", -0.25),
+                                                                                 (2, " three", -0.5)]
+    assert [len(m.top_logprobs) for m in unary.prompt_logprobs] == [2, 2]
+    assert chunks[0].prompt_logprobs == unary.prompt_logprobs and chunks[0].text == ""
+    assert not any(c.prompt_logprobs for c in chunks[1:])
+    assert "".join(c.text for c in chunks) == unary.text == "one two three"
+    assert not generation.Generate(pb.GenerateRequest(prompt="one two")).prompt_logprobs
+
+
 def test_no_logprobs_unless_asked(generation):
     assert not generation.Generate(pb.GenerateRequest(prompt="one two")).logprobs
     assert not any(m.logprobs for m in generation.GenerateStream(pb.GenerateRequest(prompt="one two")))
