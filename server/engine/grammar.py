@@ -1,4 +1,4 @@
-"""Structured output: compiles a response format into a token matcher and fills each step's allowed-token bitmask."""
+"""Structured output: compiles a response format into a token matcher and fills each step's allowed-token bitmask.
 
 A request with a :class:`~server.engine.types.ResponseFormat` (a JSON Schema, any JSON object, a regex or a list of
 choices) gets its own matcher from llguidance (Microsoft's grammar engine, also behind vLLM's and SGLang's

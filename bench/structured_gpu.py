@@ -1,0 +1,108 @@
+"""What structured output costs per decode step: free rows vs grammar-constrained rows in one engine, one process.
+
+    python bench/structured_gpu.py --model DIR [--device cuda] [--batch 16] [--tokens 128] [--rounds 5]
+
+``DIR`` is any supported model (the GPU runs use a SmolLM2-135M-shaped model with random weights: the smallest
+step, so the grammar's host work weighs the most). Each round submits ``--batch`` requests of one kind at once and
+takes the median time per output token (TPOT) over its requests; kinds alternate round by round (the GPU host has
+slow phases) and the result is the median and p10 of the round medians per kind:
+
+* ``free``: no constraint, ``ignore_eos`` (every row generates ``--tokens`` tokens);
+* ``regex``: ``[a-z ]{4000}`` — a grammar that never completes within ``--tokens``, so every step masks every row;
+* ``json``: a JSON Schema object with one string of at most 4000 characters (the JSON grammar's lexer and parser);
+* ``mixed``: half free rows, half ``json`` rows.
+
+Prints one JSON line and writes it to ``--out`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "maxLength": 4000}}, "required": ["story"],
+          "additionalProperties": False}
+
+
+def requests(kind: str, batch: int, tokens: int, round_no: int):
+    """``batch`` greedy requests of ``kind`` (see the module docstring)."""
+    from server.engine.types import GenerationRequest, ResponseFormat, SamplingParams
+
+    regex = ResponseFormat("regex", "[a-z ]{4000}")
+    schema = ResponseFormat("json_schema", json.dumps(SCHEMA))
+    out = []
+    for i in range(batch):
+        fmt = {"free": None, "regex": regex, "json": schema, "mixed": schema if i % 2 else None}[kind]
+        params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, response_format=fmt)
+        out.append(GenerationRequest(request_id=f"{kind}-{round_no}-{i}", prompt=f"Tell story number {i}.",
+                                     params=params))
+    return out
+
+
+def one_round(engine, kind: str, batch: int, tokens: int, round_no: int) -> tuple[float, int]:
+    """(median TPOT in seconds, total generated tokens) of one round."""
+    streams = [engine.submit(r) for r in requests(kind, batch, tokens, round_no)]
+    results = [s.result() for s in streams]
+    return statistics.median(r.timings.tpot_seconds for r in results), sum(r.completion_tokens for r in results)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    import tempfile
+
+    import torch
+
+    from server.app import build_app
+    from server.config import EngineConfig, ModelConfig, ServerConfig
+
+    work = Path(tempfile.mkdtemp())
+    config = ServerConfig(model=ModelConfig(model=args.model, device=args.device),
+                          engine=EngineConfig(max_batch_size=max(16, args.batch), max_total_tokens=512),
+                          host="127.0.0.1", port=0, metrics_port=-1, adapters_dir=work / "store",
+                          state_dir=work / "state")
+    app = build_app(config)
+    kinds = ("free", "regex", "json", "mixed")
+    samples: dict[str, list[float]] = {k: [] for k in kinds}
+    tokens: dict[str, list[int]] = {k: [] for k in kinds}
+    try:
+        for kind in kinds:  # warm-up: graphs, grammar compile and the llguidance tokenizer view
+            one_round(app.engine, kind, args.batch, 8, -1)
+        for r in range(args.rounds):
+            for kind in kinds:
+                tpot, n = one_round(app.engine, kind, args.batch, args.tokens, r)
+                samples[kind].append(tpot)
+                tokens[kind].append(n)
+    finally:
+        app.close()
+    out = {"model": args.model, "device": args.device, "batch": args.batch, "tokens": args.tokens,
+           "rounds": args.rounds, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    free = statistics.median(samples["free"])
+    for kind in kinds:
+        s = sorted(samples[kind])
+        out[kind] = {"tpot_ms_median": round(statistics.median(s) * 1e3, 3),
+                     "tpot_ms_p10": round(s[int(0.1 * (len(s) - 1))] * 1e3, 3),
+                     "vs_free": round(statistics.median(s) / free, 3), "tokens_per_round": tokens[kind]}
+    line = json.dumps(out)
+    print(line)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
