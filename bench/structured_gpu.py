@@ -8,8 +8,10 @@ takes the median time per output token (TPOT) over its requests; kinds alternate
 slow phases) and the result is the median and p10 of the round medians per kind:
 
 * ``free``: no constraint, ``ignore_eos`` (every row generates ``--tokens`` tokens);
-* ``regex``: ``[a-z ]{4000}`` — a grammar that never completes within ``--tokens``, so every step masks every row;
 * ``json``: a JSON Schema object with one string of at most 4000 characters (the JSON grammar's lexer and parser);
+* ``regex``: ``[a-z ]+`` (every step masks every row; its few lexer states have their masks cached);
+* ``regex_counted``: ``[a-z ]{4000}``, the worst case: a counted repetition is a new lexer state at every token,
+  so no mask is ever cached and each row's mask walks the whole vocabulary;
 * ``mixed``: half free rows, half ``json`` rows.
 
 Prints one JSON line and writes it to ``--out`` when given.
@@ -35,11 +37,13 @@ def requests(kind: str, batch: int, tokens: int, round_no: int):
     """``batch`` greedy requests of ``kind`` (see the module docstring)."""
     from server.engine.types import GenerationRequest, ResponseFormat, SamplingParams
 
-    regex = ResponseFormat("regex", "[a-z ]{4000}")
+    regex = ResponseFormat("regex", "[a-z ]+")
+    counted = ResponseFormat("regex", "[a-z ]{4000}")
     schema = ResponseFormat("json_schema", json.dumps(SCHEMA))
     out = []
     for i in range(batch):
-        fmt = {"free": None, "regex": regex, "json": schema, "mixed": schema if i % 2 else None}[kind]
+        fmt = {"free": None, "regex": regex, "regex_counted": counted, "json": schema,
+               "mixed": schema if i % 2 else None}[kind]
         params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, response_format=fmt)
         out.append(GenerationRequest(request_id=f"{kind}-{round_no}-{i}", prompt=f"Tell story number {i}.",
                                      params=params))
@@ -76,7 +80,7 @@ def main() -> None:
                           host="127.0.0.1", port=0, metrics_port=-1, adapters_dir=work / "store",
                           state_dir=work / "state")
     app = build_app(config)
-    kinds = ("free", "regex", "json", "mixed")
+    kinds = ("free", "json", "regex", "regex_counted", "mixed")
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     tokens: dict[str, list[int]] = {k: [] for k in kinds}
     try:
