@@ -42,8 +42,10 @@ def case(tmp_path_factory, base):
     finally:
         plain.stop()
     printable = [32 <= t < 127 for t in ids]
-    # the first printable id after a printable one that did not occur before: it becomes the special token
-    k = next(i for i in range(1, len(ids)) if printable[i] and printable[i - 1] and ids[i] not in ids[:i])
+    # the first printable id between printable ones that did not occur before: it becomes the special token (its
+    # neighbours printable, so stop strings spanning them hold no U+FFFD, which stop strings may not contain)
+    k = next(i for i in range(1, len(ids) - 1)
+             if printable[i - 1] and printable[i] and printable[i + 1] and ids[i] not in ids[:i])
     tok = byte_tokenizer()
     content = tok.convert_ids_to_tokens(ids[k])
     tok.add_special_tokens({"additional_special_tokens": [content]})
