@@ -206,7 +206,7 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
                         f"(0..{MAX_TOP_LOGPROBS}) to stderr, one JSON line per token marked \"prompt\": true, before "
                         "the generated tokens' lines")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json-schema", metavar="SCHEMA", default=None,
+    fmt.add_argument("--json-schema", metavar="SCHEMA", default=None, type=_schema_text,
                      help="structured output: the answer is JSON valid against this JSON Schema (JSON text, or "
                           "@FILE to read it from a file)")
     fmt.add_argument("--json-object", action="store_true", help="structured output: the answer is a JSON object")
@@ -650,19 +650,24 @@ def _client_command(fn: Callable[..., None]) -> Callable[[argparse.Namespace], i
     return run
 
 
+def _schema_text(value: str) -> str:
+    """``--json-schema``'s value: the schema text itself, or ``@FILE``'s contents (UTF-8). Raises
+    ``argparse.ArgumentTypeError`` (a usage error, exit 2) when FILE cannot be read."""
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read the schema file {value[1:]!r}: "
+                                         f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _response_format_from_args(args: argparse.Namespace):
-    """``generate``'s structured-output option as a :class:`ResponseFormat` (None when none is given); ``--json-schema
-    @FILE`` reads the schema from FILE. Raises InvalidArgument (field ``json_schema``) when FILE cannot be read."""
+    """``generate``'s structured-output option as a :class:`ResponseFormat` (None when none is given)."""
     from server.engine.types import ResponseFormat
-    from server.errors import InvalidArgument
 
     schema = getattr(args, "json_schema", None)
     if schema is not None:
-        if schema.startswith("@"):
-            try:
-                schema = Path(schema[1:]).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InvalidArgument(f"cannot read {schema[1:]}: {exc}", field="json_schema") from None
         return ResponseFormat("json_schema", schema)
     if getattr(args, "json_object", False):
         return ResponseFormat("json_object")

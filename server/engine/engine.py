@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.config import EngineConfig
-from server.engine.grammar import GrammarCompiler
+from server.engine.grammar import GrammarCompiler, grammar_failure
 from server.engine.output import OutputProcessor, added_vocab, detokenization_caveats, hidden_special_tokens
 from server.engine.scheduler import BlockAllocator, blocks_needed, plan_chunks
 from server.engine.types import (
@@ -563,7 +563,7 @@ class Engine:
                                                  asks if any(k >= 0 for k in asks) else None, allowed)
         for b, reason in enumerate(grammar_errors):
             if reason is not None:
-                tokens[b] = ServerError(f"structured output failed: {reason}")
+                tokens[b] = grammar_failure(seqs[b].request.params.response_format, reason)
         return tokens, row_lps
 
     def _token_logprob(self, token: int, row: RowLogprobs) -> TokenLogprob:
@@ -607,12 +607,17 @@ class Engine:
             self._emit(seq, seq.output.finish())
             self._end(seq, reason=FINISH_STOP)
             return
+        fmt = seq.request.params.response_format
         if token in self.eos_ids and not seq.request.params.ignore_eos:
+            if seq.matcher is not None and not seq.matcher.is_accepting():  # llguidance's EOS at a dead end
+                self._end(seq, error=grammar_failure(fmt, seq.matcher.get_error() or "no valid continuation"))
+                return
             self._emit(seq, seq.output.finish())
             self._end(seq, reason=FINISH_EOS)
             return
         if seq.matcher is not None and not seq.matcher.consume_token(token):
-            raise ServerError(f"structured output failed: {seq.matcher.get_error()}")
+            self._end(seq, error=grammar_failure(fmt, seq.matcher.get_error()))
+            return
         seq.generated.append(token)
         if row_lp is not None:
             seq.logprobs.append(self._token_logprob(token, row_lp))
@@ -621,7 +626,10 @@ class Engine:
         self._emit(seq, text)
         if stopped:
             self._end(seq, reason=FINISH_STOP)
-        elif seq.matcher is not None and seq.matcher.is_stopped():  # the format is complete: nothing may follow
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # nothing may follow
+            if not seq.matcher.is_accepting():
+                self._end(seq, error=grammar_failure(fmt, seq.matcher.get_error() or "no valid continuation"))
+                return
             self._emit(seq, seq.output.finish())
             self._end(seq, reason=FINISH_STOP)
         elif (len(seq.generated) >= seq.request.params.max_new_tokens

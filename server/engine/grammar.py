@@ -31,6 +31,24 @@ from server.errors import FailedPrecondition, InvalidArgument
 
 #: Compiled formats kept for reuse (least recently used dropped first).
 CACHE_SIZE = 64
+#: llguidance's JSON options unless the schema's ``"x-guidance"`` key says otherwise: no free whitespace, and the
+#: separators of Python's ``json.dumps`` (``", "``, ``": "``), the layout most training data uses. With free
+#: whitespace (llguidance's own default) a model can pad an object with newlines until ``max_new_tokens``.
+JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+#: Longest grammar error message passed on to a client (characters; llguidance's may dump its whole state).
+MAX_ERROR_CHARS = 300
+
+
+def short_error(message: str) -> str:
+    """The first line of an llguidance error message, at most :data:`MAX_ERROR_CHARS` characters."""
+    first = (message or "the grammar matcher failed").strip().splitlines()[0]
+    return first if len(first) <= MAX_ERROR_CHARS else first[:MAX_ERROR_CHARS] + "..."
+
+
+def grammar_failure(fmt: ResponseFormat, message: str) -> InvalidArgument:
+    """The error that ends a request whose format cannot go on: INVALID_ARGUMENT naming ``response_format.<kind>``
+    (the grammar, not the server, is at fault: it is too complex for the lexer or leads to a dead end)."""
+    return InvalidArgument(f"structured output failed: {short_error(message)}", field=f"response_format.{fmt.kind}")
 
 
 def grammar_text(fmt: ResponseFormat) -> str:
@@ -47,9 +65,9 @@ def grammar_text(fmt: ResponseFormat) -> str:
         raise FailedPrecondition("structured output needs llguidance (pip install 'qlora-server[server]')",
                                  field="response_format") from None
     if fmt.kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(fmt.value)
+        return LLMatcher.grammar_from_json_schema(fmt.value, defaults=JSON_DEFAULTS)
     if fmt.kind == "json_object":
-        return LLMatcher.grammar_from_json_schema('{"type": "object"}')
+        return LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_DEFAULTS)
     if fmt.kind == "regex":
         return LLMatcher.grammar_from_regex(fmt.value)
     if fmt.kind == "choice":
@@ -96,8 +114,10 @@ class GrammarCompiler:
         """A fresh llguidance ``LLMatcher`` for ``fmt``, at the start of the output.
 
         Raises:
-            InvalidArgument: the schema / regex / choices do not compile; the field is ``response_format.<kind>``
-                (e.g. ``response_format.json_schema``) and the message is llguidance's.
+            InvalidArgument: the schema / regex / choices do not compile, or admit no output at all (a ``$ref``
+                loop, a regex matching nothing: the first step's mask allows no token); the field is
+                ``response_format.<kind>`` (e.g. ``response_format.json_schema``) and the message llguidance's
+                (first line).
             FailedPrecondition: llguidance is missing or the tokenizer is not a fast one.
         """
         from llguidance import LLMatcher
@@ -112,7 +132,16 @@ class GrammarCompiler:
         # Compiling drops the GIL and may take a while for a large schema: not under the lock.
         template = LLMatcher(lltok, grammar, log_level=0)
         if template.is_error():
-            raise InvalidArgument(f"does not compile: {template.get_error()}", field=f"response_format.{fmt.kind}")
+            raise InvalidArgument(f"does not compile: {short_error(template.get_error())}",
+                                  field=f"response_format.{fmt.kind}")
+        # The first step's mask (computed once here, then cached inside the matcher for every copy) finds a
+        # grammar that admits no output: llguidance then allows only EOS and enters its error state.
+        import llguidance.numpy as lnp
+
+        lnp.fill_next_token_bitmask(template, np.zeros((1, self.words), dtype=np.int32), 0)
+        if template.is_error() or (template.is_stopped() and not template.is_accepting()):
+            raise InvalidArgument(f"admits no output: {short_error(template.get_error() or 'a dead end')}",
+                                  field=f"response_format.{fmt.kind}")
         with self._lock:
             self._cache[fmt] = template
             self._cache.move_to_end(fmt)
@@ -126,8 +155,8 @@ class GrammarCompiler:
         Returns:
             ``(mask, errors)``: ``mask`` a ``[B, ceil(V / 32)]`` int32 array (layout in the module docstring; all
             bits set for unconstrained rows), filled for the constrained rows in parallel; ``errors[b]`` is None,
-            or why row ``b``'s matcher cannot go on (it is in an error state: its request must end), in which case
-            its mask row allows nothing.
+            or why row ``b``'s matcher cannot go on (it is, or while computing this mask entered, an error state:
+            a lexer too complex, a dead end; its request must end), in which case its mask row allows nothing.
         """
         import llguidance.numpy as lnp
 
@@ -144,4 +173,8 @@ class GrammarCompiler:
                 rows.append((m, b))
         if rows:
             lnp.fill_next_token_bitmask_par(self._executor, rows, mask)
+            for m, b in rows:
+                if m.is_error():  # the mask itself found the failure (llguidance then allows only EOS)
+                    errors[b] = m.get_error() or "the grammar matcher failed"
+                    mask[b] = 0
         return mask, errors

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.access import Gate, bearer_token
 from server.auth import ANY_ROLE, GENERATE_ROLES, Principal, require_adapter, visible
 from server.engine.engine import collect_result
-from server.engine.types import FINISH_LENGTH
+from server.engine.types import FINISH_LENGTH, GenerationEvent
 from server.errors import Cancelled, InvalidArgument, NotFound, ServerError, Unauthenticated
 from server.http import convert
 from server.http.errors import ModelNotFound, error_headers, error_response
@@ -147,7 +147,10 @@ def build_http_app(app, gate: Gate | None = None) -> FastAPI:
                                              max_stop_strings=limits.max_stop_strings,
                                              max_stop_chars=limits.max_stop_chars)
             echo = convert.echo_of(body, chat=chat)
-            stream = app.engine.submit(req)
+            try:
+                stream = app.engine.submit(req)
+            except InvalidArgument as exc:  # e.g. a grammar that does not compile: name the client's parameter
+                raise convert.renamed(exc, body) from None
             model = body["model"]
             asked = req.params.wants_logprobs or req.params.prompt_logprobs is not None
             if convert.is_stream(body):
@@ -156,7 +159,10 @@ def build_http_app(app, gate: Gate | None = None) -> FastAPI:
                 return EventStreamResponse(events)
             finished = False
             try:
-                result = collect_result(stream, req.request_id)
+                try:
+                    result = collect_result(stream, req.request_id)
+                except InvalidArgument as exc:  # a grammar that failed while decoding
+                    raise convert.renamed(exc, body) from None
                 finished = True
                 tokens = result.completion_tokens
                 text, reason, completion_tokens = result.text, result.finish_reason, result.completion_tokens
@@ -213,7 +219,7 @@ class EventStream:
         first = True
         sent = 0  # characters streamed so far (the completions shape's text_offset)
         try:
-            for event in self._stream:
+            for event in _events(self._stream, request_id):
                 if event.error is not None:
                     yield _data(error_response(event.error)[1])
                     return
@@ -255,6 +261,21 @@ class EventStream:
             self._stream.cancel(Cancelled("the HTTP client went away"))
         if self._slot is not None:
             self._slot.finish(self._tokens or self._chunks)
+
+
+def _events(stream, request_id: str):
+    """``stream``'s events, where an error the stream raises (the engine's :class:`RequestStream` raises a request's
+    error instead of yielding it) comes as a final event carrying it, so it reaches the client as an error chunk."""
+    it = iter(stream)
+    while True:
+        try:
+            event = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure goes to the client as an OpenAI error body
+            yield GenerationEvent(request_id, finished=True, error=exc)
+            return
+        yield event
 
 
 class EventStreamResponse(StreamingResponse):

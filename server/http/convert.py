@@ -21,7 +21,7 @@ from server.engine.types import (
 from server.errors import InvalidArgument
 
 #: Request fields this server does not implement yet: a request that sets one gets 400 naming it.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call",
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "guided_grammar", "guided_whitespace_pattern",
                "best_of", "suffix", "logit_bias", "parallel_tool_calls", "audio", "modalities",
                "prediction")
 #: Accepted only at their neutral value.
@@ -117,37 +117,68 @@ def _logprob_fields(body: dict, chat: bool) -> dict:
     return {"logprobs": wanted, "top_logprobs": k} if wanted else {}
 
 
+#: vLLM's extra structured-output parameters this server takes, and the kind each maps to.
+GUIDED_PARAMS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice"}
+
+
 def _response_format(body: dict) -> ResponseFormat | None:
     """The engine's structured-output constraint from OpenAI's ``response_format`` — ``{"type": "text"}`` (none),
     ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`` — or
-    from vLLM's extra parameters ``guided_regex`` (a regex) / ``guided_choice`` (a list of strings). At most one
-    may be set. Raises :class:`InvalidArgument` naming the parameter."""
-    found = []
+    from vLLM's extra parameters ``guided_json`` (a JSON Schema, object or text), ``guided_regex`` (a regex) and
+    ``guided_choice`` (a list of strings). At most one may be set. Raises :class:`InvalidArgument` naming the
+    parameter the client set (``response_format...`` or ``guided_...``)."""
+    found: list[tuple[str, ResponseFormat]] = []
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
             raise InvalidArgument("must be an object with type text, json_object or json_schema",
                                   field="response_format")
         if fmt["type"] == "json_object":
-            found.append(ResponseFormat("json_object"))
+            found.append(("response_format", ResponseFormat("json_object")))
         elif fmt["type"] == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
                 raise InvalidArgument("needs json_schema.schema, a JSON Schema object",
                                       field="response_format.json_schema.schema")
-            found.append(ResponseFormat("json_schema", json.dumps(spec["schema"])))
+            found.append(("response_format", ResponseFormat("json_schema", json.dumps(spec["schema"]))))
+    schema = body.get("guided_json")
+    if schema is not None:
+        if not isinstance(schema, (dict, bool, str)):
+            raise InvalidArgument("must be a JSON Schema (an object, or its JSON text)", field="guided_json")
+        found.append(("guided_json", ResponseFormat("json_schema", schema if isinstance(schema, str)
+                                                    else json.dumps(schema))))
     regex = _get(body, "guided_regex", "str")
     if regex is not None:
-        found.append(ResponseFormat("regex", regex))
+        found.append(("guided_regex", ResponseFormat("regex", regex)))
     choice = body.get("guided_choice")
     if choice is not None:
         if not isinstance(choice, list) or not all(isinstance(c, str) for c in choice):
             raise InvalidArgument("must be a list of strings", field="guided_choice")
-        found.append(ResponseFormat("choice", choices=tuple(choice)))
+        found.append(("guided_choice", ResponseFormat("choice", choices=tuple(choice))))
     if len(found) > 1:
-        raise InvalidArgument("set at most one of response_format, guided_regex, guided_choice",
-                              field="response_format")
-    return found[0] if found else None
+        raise InvalidArgument(f"set at most one of response_format, {', '.join(GUIDED_PARAMS)}",
+                              field=found[1][0])
+    if not found:
+        return None
+    param, rf = found[0]
+    try:
+        rf.validate()
+    except InvalidArgument as exc:
+        raise renamed(exc, body) from None
+    return rf
+
+
+def renamed(exc: InvalidArgument, body: dict) -> InvalidArgument:
+    """``exc`` with its field named as the client set it: an error about ``response_format.<kind>`` (from
+    validation, from compiling the grammar at submit, or from decoding) names ``guided_regex`` / ``guided_choice``
+    / ``guided_json`` when that is what the body used; other errors are returned as they are."""
+    field = getattr(exc, "field", None) or ""
+    if not field.startswith("response_format"):
+        return exc
+    for param in GUIDED_PARAMS:
+        if body.get(param) is not None:
+            return InvalidArgument(str(exc).partition(": ")[2] or str(exc), field=param)
+    return exc
 
 
 def is_stream(body: dict) -> bool:
@@ -200,7 +231,8 @@ def generation_request(body: dict, *, chat: bool, adapter_id: str, max_new_token
     if echo is not None and "top_logprobs" in fields:
         fields["prompt_logprobs"] = fields["top_logprobs"]
     if max_tokens == 0 and echo is None:
-        raise InvalidArgument("must be >= 1 (0 only with echo: true, to score the prompt)", field="max_tokens")
+        raise InvalidArgument("must be >= 1" if chat else "must be >= 1 (0 only with echo: true, to score the prompt)",
+                              field="max_tokens")
     if echo is not None and echo.score_only:
         max_tokens = 1  # the engine generates >= 1 token: one, which the response drops
         fields.pop("logprobs", None)

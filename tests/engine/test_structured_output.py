@@ -171,6 +171,11 @@ def test_streamed_text_equals_unary(engine):
     (ResponseFormat("choice"), "response_format.choice"),
     (ResponseFormat("choice", choices=("a", "")), "response_format.choice"),
     (ResponseFormat("yaml", "x"), "response_format"),
+    # compile, but admit no output at all
+    (ResponseFormat("json_schema", '{"$ref": "#"}'), "response_format.json_schema"),
+    (ResponseFormat("json_schema", '{"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, '
+                                   '"b": {"$ref": "#/$defs/a"}}}'), "response_format.json_schema"),
+    (ResponseFormat("regex", r"[^\x00-\x{10FFFF}]"), "response_format.regex"),
 ])
 def test_bad_formats_are_invalid_argument_naming_the_field(engine, fmt, field):
     with pytest.raises(InvalidArgument) as info:
@@ -196,3 +201,23 @@ def test_a_failing_matcher_ends_only_its_row(engine, monkeypatch):
     assert re.fullmatch("[0-9]{4}", good.result().text)
     with pytest.raises(Exception, match="structured output failed"):
         bad.result()
+
+
+@pytest.mark.parametrize("fmt", [
+    # a dead end after a prefix: the property's value can never start
+    ResponseFormat("json_schema", json.dumps({"type": "object", "properties": {"a": {"$ref": "#/properties/a"}},
+                                              "required": ["a"]})),
+    # too complex for llguidance's lexer once the first token is consumed
+    ResponseFormat("regex", "((a{100}){100}){100}"),
+])
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_a_format_that_fails_midway_is_an_error_not_a_finished_answer(engine, fmt, ignore_eos):
+    """A format that compiles but fails while decoding ends its request with INVALID_ARGUMENT naming the field,
+    never with a "complete" finish reason over an output that does not satisfy it."""
+    try:
+        result = engine.generate(req("dead", fmt, temperature=0.0, ignore_eos=ignore_eos))
+    except InvalidArgument as exc:
+        assert exc.field == f"response_format.{fmt.kind}" and "structured output failed" in str(exc)
+        assert len(str(exc)) < 400  # llguidance's state dump is not passed on
+    else:
+        pytest.fail(f"finished {result.finish_reason!r} with {result.text!r}")

@@ -7,12 +7,14 @@ import urllib.request
 
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rpc_fakes import PROMPT_EXHAUST
 
 from server.cli import build_parser, config_from_args
 from server.config import ServerConfig
-from server.engine.types import ResponseFormat
-from server.errors import InvalidArgument
+from server.engine.types import GenerationEvent, ResponseFormat
+from server.errors import DeadlineExceeded, InvalidArgument, ServerError
 
 
 def test_models_lists_the_base_and_every_adapter(client):
@@ -209,6 +211,8 @@ def test_http_port_flag_is_validated():
     ({"response_format": {"type": "text"}}, None),
     ({"extra_body": {"guided_regex": "[a-z]+"}}, ResponseFormat("regex", "[a-z]+")),
     ({"extra_body": {"guided_choice": ["yes", "no"]}}, ResponseFormat("choice", choices=("yes", "no"))),
+    ({"extra_body": {"guided_json": {"type": "object"}}}, ResponseFormat("json_schema", '{"type": "object"}')),
+    ({"extra_body": {"guided_json": '{"type":"array"}'}}, ResponseFormat("json_schema", '{"type":"array"}')),
 ])
 def test_response_format_reaches_the_engine(client, app, kw, want):
     client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], **kw)
@@ -221,12 +225,55 @@ def test_response_format_reaches_the_engine(client, app, kw, want):
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": [1]}}},
      "response_format.json_schema.schema"),
-    ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}}, "guided_regex"),
     ({"extra_body": {"guided_choice": "yes"}}, "guided_choice"),
-    ({"extra_body": {"guided_choice": []}}, "response_format.choice"),
+    ({"extra_body": {"guided_choice": []}}, "guided_choice"),
+    ({"extra_body": {"guided_choice": ["a", ""]}}, "guided_choice"),
+    ({"extra_body": {"guided_regex": ""}}, "guided_regex"),
+    ({"extra_body": {"guided_json": "{oops"}}, "guided_json"),
+    ({"extra_body": {"guided_json": 5}}, "guided_json"),
+    ({"extra_body": {"guided_regex": "a", "guided_choice": ["a"]}}, "guided_choice"),
+    ({"extra_body": {"guided_grammar": "root ::= \"a\""}}, "guided_grammar"),
     ({"extra_body": {"guided_regex": 5}}, "guided_regex"),
 ])
 def test_bad_response_formats_name_the_param(client, kw, param):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], **kw)
     assert info.value.param == param, info.value.message
+
+
+class _RaisingStream:
+    """An engine stream that yields ``n`` text events, then raises ``exc`` (as RequestStream raises a request's
+    error); ``cancel`` records that the HTTP layer gave up on it."""
+
+    def __init__(self, n: int, exc: Exception) -> None:
+        self.n, self.exc, self.cancelled = n, exc, False
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield GenerationEvent("r", text=f"t{i}", token_ids=(i,))
+        raise self.exc
+
+    def cancel(self, error=None) -> None:
+        self.cancelled = True
+
+
+@given(n=st.integers(0, 4), chat=st.booleans(),
+       exc=st.sampled_from([InvalidArgument("bad regex", field="response_format.regex"),
+                            DeadlineExceeded("the deadline passed"), ServerError("decode failed"),
+                            RuntimeError("a secret detail")]))
+@settings(max_examples=40, deadline=None)
+def test_an_error_the_engine_stream_raises_is_sent_as_an_error_chunk(n, chat, exc):
+    """Whenever the engine's stream raises (before the first token or after some), the SSE body ends with one
+    ``data: {"error": ...}`` chunk carrying the OpenAI error body, after the chunks already produced; nothing
+    internal leaks."""
+    from server.http.api import EventStream
+    from server.http.errors import error_response
+
+    stream = _RaisingStream(n, exc)
+    chunks = list(EventStream(stream, chat, "r", "alpha"))
+    assert len(chunks) == n + 1
+    last = json.loads(chunks[-1].removeprefix("data: "))
+    assert last == error_response(exc)[1]
+    assert "secret" not in chunks[-1]
+    assert stream.cancelled  # the request did not finish: the engine is told to stop it

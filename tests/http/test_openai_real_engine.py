@@ -98,6 +98,14 @@ def test_adapter_by_model_matches_grpc_generate(tmp_path):
                                         response_format={"type": "json_schema",
                                                          "json_schema": {"name": "x", "schema": {"type": "foo"}}})
         assert info.value.param == "response_format.json_schema" and "foo" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:  # the engine's compile error names vLLM's parameter
+            oai.completions.create(model="alpha", prompt="x", max_tokens=4, extra_body={"guided_regex": "(a"})
+        assert info.value.param == "guided_regex"
+        with pytest.raises(openai.APIError) as info:  # a grammar that fails mid-stream: an error chunk, not a drop
+            for _ in oai.completions.create(model="alpha", prompt="x", max_tokens=8, stream=True,
+                                            extra_body={"guided_regex": "((a{100}){100}){100}"}):
+                pass
+        assert "structured output failed" in str(info.value)
         with Client(f"127.0.0.1:{port}", timeout=120) as client:
             fmt = ResponseFormat("choice", choices=("cat", "dog", "fish"))
             want = client.generate(GenerationRequest(request_id="", adapter_id="alpha", prompt="pet:",

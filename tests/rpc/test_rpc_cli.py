@@ -175,3 +175,31 @@ def test_serve_start_up_error_exits_2(tmp_path, capsys):
     assert serve(app.config, threading.Event(), app_factory=failing_factory) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model: no such model" in err[0]
+
+
+def test_generate_structured_output_options(tmp_path, capsys):
+    """--json-schema (inline or @FILE), --json-object, --regex, --choice become the request's response_format; a
+    schema file that cannot be read is a usage error (exit 2, one line), and two formats at once are refused."""
+    from server.cli import build_parser, generation_request_from_args
+    from server.engine.types import ResponseFormat
+
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object"}', encoding="utf-8")
+    parser = build_parser()
+
+    def fmt(*flags):
+        return generation_request_from_args(parser.parse_args(["generate", "--prompt", "p", *flags])).params \
+            .response_format
+
+    assert fmt() is None
+    assert fmt("--json-schema", '{"type": "string"}') == ResponseFormat("json_schema", '{"type": "string"}')
+    assert fmt("--json-schema", f"@{schema}") == ResponseFormat("json_schema", '{"type": "object"}')
+    assert fmt("--json-object") == ResponseFormat("json_object")
+    assert fmt("--regex", "[0-9]+") == ResponseFormat("regex", "[0-9]+")
+    assert fmt("--choice", "yes", "--choice", "no") == ResponseFormat("choice", choices=("yes", "no"))
+    for bad in ([f"@{tmp_path / 'missing.json'}"], [f"@{tmp_path}"], ["{}", "--regex", "a"]):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(["generate", "--prompt", "p", "--json-schema", *bad])
+        assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot read the schema file" in err and "Traceback" not in err
