@@ -8,7 +8,6 @@ import logging
 import re
 import ssl
 import string
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rpc_fakes import PROMPT_BLOCK, FakeApp, wait_for, write_adapter_dir
+from rpc_fakes import PROMPT_BLOCK, FakeApp, serving, wait_for, write_adapter_dir
 from test_auth import IN, KEYS, MISSING, OUT, md, write_keys
 from test_cli_startup import _error_line, _serve
 from test_ratelimit import FakeClock
@@ -25,7 +24,6 @@ from test_tls import OPENSSL, pki  # noqa: F401 (pki is a fixture)
 
 from server.access import Gate, bearer_token
 from server.auth import KeyStore, hash_key
-from server.cli import serve
 from server.errors import Unauthenticated
 from server.http.api import ROLES_BY_ROUTE
 from server.http.server import HttpServer, bind_http_socket
@@ -353,30 +351,10 @@ def test_arbitrary_authorization_headers_over_http_are_200_or_401_never_a_crash(
 
 
 @contextmanager
-def serving(app: FakeApp):
+def serving_https(app: FakeApp):
     """``serve(app.config)`` in a thread with ``app`` as the built app; yields ``(grpc target, http port)``."""
-    stop, ready, lines, result = threading.Event(), threading.Event(), [], {}
-
-    def run():
-        try:
-            result["code"] = serve(app.config, stop, grace_seconds=0, app_factory=lambda config, metrics: app,
-                                   announce=lines.append)
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        while not lines and not ready.wait(0.05):
-            pass
-        assert lines, f"serve did not start: {result}"
-        grpc_port = re.search(r"listening on 127\.0\.0\.1:(\d+) ", lines[0]).group(1)
-        http_port = re.search(r"OpenAI-compatible HTTPS on :(\d+)", lines[0]).group(1)
-        yield f"127.0.0.1:{grpc_port}", int(http_port)
-    finally:
-        stop.set()
-        thread.join(30)
-    assert result.get("code") == 0
+    with serving(app) as (target, line):
+        yield target, int(re.search(r"OpenAI-compatible HTTPS on :(\d+)", line).group(1))
 
 
 @needs_openssl
@@ -388,7 +366,7 @@ def test_serve_gives_the_http_api_the_grpc_keys_and_certificate(tmp_path, pki, c
     app.store.register(IN, write_adapter_dir(tmp_path / "src"), False)
     app.store.register(OUT, write_adapter_dir(tmp_path / "src"), False)
     ca = trusting(pki / "ca.pem")
-    with serving(app) as (target, http_port):
+    with serving_https(app) as (target, http_port):
         url = f"https://127.0.0.1:{http_port}/v1"
         client = oai(url, INFER, ca)
         assert [m.id for m in client.models.list()] == [BASE, IN]

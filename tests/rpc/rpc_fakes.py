@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -268,3 +270,32 @@ class FakeTrainingManager:
         job = self.get(job_id)
         done = dataclasses.replace(job, state="succeeded", step=3, total_steps=3, loss=0.5, finished_at=3.0)
         return FakeWatch([JobEvent(job, f"job is {job.state}"), JobEvent(done, "job succeeded")])
+
+
+@contextmanager
+def serving(app: "FakeApp"):
+    """``serve(app.config)`` in a thread with ``app`` as the built app; yields ``(grpc target, announce line)``
+    (the line says where metrics and the HTTP API listen); stops it on exit and checks it exited 0."""
+    from server.cli import serve
+
+    stop, ready, lines, result = threading.Event(), threading.Event(), [], {}
+
+    def run():
+        try:
+            result["code"] = serve(app.config, stop, grace_seconds=0, app_factory=lambda config, metrics: app,
+                                   announce=lines.append)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while not lines and not ready.wait(0.05):
+            pass
+        assert lines, f"serve did not start: {result}"
+        port = re.search(r"listening on \S+?:(\d+) ", lines[0]).group(1)
+        yield f"127.0.0.1:{port}", lines[0]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert result.get("code") == 0

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from rpc_fakes import FakeApp, FakeTrainingManager
+from rpc_fakes import FakeApp, FakeTrainingManager, serving
 from test_cli_startup import _error_line, _serve
 
 from server.cli import EXIT_STARTUP, build_parser, config_from_args, main, serve
@@ -85,27 +85,9 @@ def _tls(pki: Path, mutual: bool) -> dict:
 @contextmanager
 def running(app: FakeApp):
     """``serve(app.config)`` in a thread with ``app`` as the built app; yields ``(target, metrics_port)``."""
-    stop, ready, lines, result = threading.Event(), threading.Event(), [], {}
-
-    def run():
-        try:
-            result["code"] = serve(app.config, stop, grace_seconds=0, app_factory=lambda config, metrics: app,
-                                   announce=lines.append)
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        while not lines and not ready.wait(0.05):
-            pass
-        assert lines, f"serve did not start: {result}"
-        port, metrics = re.search(r":(\d+) \((?:metrics on :(\d+)|metrics off)\)", lines[0]).groups()
-        yield f"127.0.0.1:{port}", metrics and int(metrics)
-    finally:
-        stop.set()
-        thread.join(30)
-    assert result.get("code") == 0
+    with serving(app) as (target, line):
+        metrics = re.search(r"\((?:metrics on :(\d+)|metrics off)", line).group(1)
+        yield target, metrics and int(metrics)
 
 
 def _exercise(client: Client) -> None:
