@@ -179,7 +179,8 @@ class Engine:
         self.grammar = GrammarCompiler(tokenizer, int(vocab), sorted(self.eos_ids))
         self._hidden_specials = hidden_special_tokens(tokenizer)
         self._added_tokens = added_vocab(tokenizer)
-        self._token_texts: dict[int, str] = {}  # decode([id]) of the ids log-probabilities named (engine thread only)
+        # (decode([id]), exact bytes) of the ids log-probabilities named (engine thread only)
+        self._token_texts: dict[int, tuple[str, bytes]] = {}
         for caveat in detokenization_caveats(tokenizer):
             log.warning("streamed text: %s", caveat)
         self._lock = threading.Condition()
@@ -568,16 +569,21 @@ class Engine:
 
     def _token_logprob(self, token: int, row: RowLogprobs) -> TokenLogprob:
         """A sampled (or scored prompt) position's log-probabilities with each token's text (``decode([id])``,
-        special tokens shown)."""
+        special tokens shown) and exact bytes (:meth:`GrammarCompiler.token_bytes`)."""
         texts = self._token_texts
 
-        def text(tid: int) -> str:
+        def text(tid: int) -> tuple[str, bytes]:
             got = texts.get(tid)
             if got is None:  # at most one entry per vocabulary id: a long scored prompt decodes each id once
-                got = texts[tid] = self.tokenizer.decode([tid], skip_special_tokens=False)
+                piece = self.tokenizer.decode([tid], skip_special_tokens=False)
+                got = texts[tid] = (piece, self.grammar.token_bytes(tid, piece))
             return got
-        return TokenLogprob(token, text(token), row.logprob,
-                            tuple(TopLogprob(tid, text(tid), lp) for tid, lp in row.top))
+        top = []
+        for tid, lp in row.top:
+            piece, raw = text(tid)
+            top.append(TopLogprob(tid, piece, lp, raw))
+        piece, raw = text(token)
+        return TokenLogprob(token, piece, row.logprob, tuple(top), raw)
 
     def _accept_all(self, seqs: list[_Sequence],
                     sampled: tuple[list[int | ServerError], list[RowLogprobs | None]]) -> None:

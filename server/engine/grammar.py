@@ -110,6 +110,21 @@ class GrammarCompiler:
             self._executor = llguidance.LLExecutor()
         return self._lltok
 
+    def token_bytes(self, token_id: int, text: str) -> bytes:
+        """The exact bytes of one token (for log-probabilities: a byte-level token can be part of a character,
+        whose text alone reads U+FFFD), from llguidance's view of the tokenizer, which maps byte-level BPE and
+        SentencePiece byte-fallback tokens back to their bytes. Special tokens, ids outside the tokenizer, or no
+        llguidance: ``text`` as UTF-8. (llguidance reserves byte 0xFF, which no UTF-8 text contains: a token of
+        that byte reads as U+FFFD's bytes.) Builds the tokenizer view on first use (~0.3 s)."""
+        try:
+            with self._lock:
+                lltok = self._llguidance_tokenizer()
+            if 0 <= token_id < lltok.vocab_size and not lltok.is_special_token(token_id):
+                return bytes(lltok.decode_bytes([token_id]))
+        except (ImportError, FailedPrecondition):
+            pass
+        return text.encode("utf-8")
+
     def matcher(self, fmt: ResponseFormat):
         """A fresh llguidance ``LLMatcher`` for ``fmt``, at the start of the output.
 

@@ -207,23 +207,27 @@ class Timings:
 
 @dataclass(frozen=True)
 class TopLogprob:
-    """One of the most likely tokens at a position: id, its text (``decode([id])``) and log-probability."""
+    """One of the most likely tokens at a position: id, its text (``decode([id])``), log-probability and exact
+    bytes (``token_bytes``: UTF-8 text, or part of a character's bytes where ``token`` reads U+FFFD; empty when
+    unknown)."""
 
     token_id: int
     token: str
     logprob: float
+    token_bytes: bytes = b""
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated (or scored prompt) token's log-probability and (when ``top_logprobs`` / ``prompt_logprobs``
     > 0) the k most likely tokens there, most likely first (ties: the lower id first). Log-probabilities are
-    float32 values (natural log)."""
+    float32 values (natural log). ``token_bytes`` are the token's exact bytes (see :class:`TopLogprob`)."""
 
     token_id: int
     token: str
     logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
+    token_bytes: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import time
@@ -275,21 +276,32 @@ def logprobs_body(entries: tuple[TokenLogprob, ...], *, chat: bool, asked: bool,
     if not asked:
         return None
     if chat:
-        return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
-                             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+        return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(_bytes(e)),
+                             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(_bytes(t))}
                                               for t in e.top_logprobs]} for e in entries]}
-    return _legacy([(e.token, e.logprob, {t.token: t.logprob for t in e.top_logprobs}) for e in entries],
-                   text_offset)
+    return _legacy([(e.token, _bytes(e), e.logprob, {t.token: t.logprob for t in e.top_logprobs})
+                    for e in entries], text_offset)
 
 
-def _legacy(items: list[tuple[str, float | None, dict | None]], text_offset: int) -> dict:
-    """The legacy completions ``logprobs`` of ``(token, logprob, top)`` items, offsets from ``text_offset``."""
+def _bytes(entry) -> bytes:
+    """A log-probability entry's exact token bytes (its text's UTF-8 when the engine did not give them)."""
+    return entry.token_bytes or entry.token.encode("utf-8")
+
+
+def _legacy(items: list[tuple[str, bytes, float | None, dict | None]], text_offset: int) -> dict:
+    """The legacy completions ``logprobs`` of ``(token, token_bytes, logprob, top)`` items.
+
+    ``text_offset`` of each token is the character offset, from ``text_offset``, where the token starts in the text
+    its bytes decode to: the bytes go through one incremental UTF-8 decoder, so a token that starts inside a
+    multi-byte character (a byte-level token) points at that character, and a character split over tokens counts
+    once."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     offsets, at = [], text_offset
-    for token, _, _ in items:
+    for _, raw, _, _ in items:
         offsets.append(at)
-        at += len(token)
-    return {"tokens": [t for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
-            "top_logprobs": [top for _, _, top in items], "text_offset": offsets}
+        at += len(decoder.decode(raw))
+    return {"tokens": [t for t, _, _, _ in items], "token_logprobs": [lp for _, _, lp, _ in items],
+            "top_logprobs": [top for _, _, _, top in items], "text_offset": offsets}
 
 
 def prompt_logprobs_body(prompt: str, entries: tuple[TokenLogprob, ...]) -> dict:
@@ -297,14 +309,16 @@ def prompt_logprobs_body(prompt: str, entries: tuple[TokenLogprob, ...]) -> dict
     log-probability and top_logprobs (OpenAI's shape: nothing precedes it), then ``entries``, the engine's prompt
     log-probabilities of tokens 1 … n-1.
 
-    The engine does not name the first token, so its text is the part of ``prompt`` before the other tokens' texts:
-    with a tokenizer whose tokens' texts concatenate to the prompt, every offset indexes the choice's ``text`` and a
-    BOS token reads ``""``; where they do not (a SentencePiece token read alone drops its leading space, say), it
-    is ``""`` and offsets are the running sum of the tokens' lengths, as for generated tokens."""
-    rest = "".join(e.token for e in entries)
-    first = prompt[:len(prompt) - len(rest)] if prompt.endswith(rest) else ""
-    return _legacy([(first, None, None)] + [(e.token, e.logprob, {t.token: t.logprob for t in e.top_logprobs})
-                                            for e in entries], 0)
+    The engine does not name the first token, so it is the part of ``prompt``'s bytes before the other tokens'
+    bytes: where the tokens' bytes concatenate to the prompt, every offset indexes the choice's ``text`` (see
+    :func:`_legacy`) and a BOS token reads ``""``; where they do not (a SentencePiece tokenizer's added leading
+    space, say), it is ``""`` and the offsets follow the tokens' own bytes."""
+    rest = b"".join(_bytes(e) for e in entries)
+    raw = prompt.encode("utf-8")
+    first = raw[:len(raw) - len(rest)] if raw.endswith(rest) else b""
+    return _legacy([(first.decode("utf-8", errors="replace"), first, None, None)]
+                   + [(e.token, _bytes(e), e.logprob, {t.token: t.logprob for t in e.top_logprobs})
+                      for e in entries], 0)
 
 
 def join_logprobs(head: dict | None, tail: dict | None) -> dict | None:

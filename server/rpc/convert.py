@@ -134,15 +134,17 @@ def timings_to_proto(t: Timings) -> pb.Timings:
 def token_logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
     """One generated (or scored prompt) token's log-probabilities → ``TokenLogprob`` (values become float32 on the
     wire)."""
-    return pb.TokenLogprob(token_id=lp.token_id, token=lp.token, logprob=lp.logprob,
-                           top_logprobs=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
+    return pb.TokenLogprob(token_id=lp.token_id, token=lp.token, logprob=lp.logprob, token_bytes=lp.token_bytes,
+                           top_logprobs=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob,
+                                                       token_bytes=t.token_bytes)
                                          for t in lp.top_logprobs])
 
 
 def token_logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
     """``TokenLogprob`` → :class:`TokenLogprob`."""
     return TokenLogprob(msg.token_id, msg.token, msg.logprob,
-                        tuple(TopLogprob(t.token_id, t.token, t.logprob) for t in msg.top_logprobs))
+                        tuple(TopLogprob(t.token_id, t.token, t.logprob, t.token_bytes) for t in msg.top_logprobs),
+                        msg.token_bytes)
 
 
 def generate_response_to_proto(result: GenerationResult) -> pb.GenerateResponse:

@@ -77,3 +77,18 @@ def test_stream_chunks_carry_the_unary_values(engine):
     unary = engine.generate(req("u", top_logprobs=3, max_new_tokens=10, ignore_eos=True))
     assert tuple(streamed) == unary.logprobs
     assert [lp.token_id for lp in streamed] == list(unary.token_ids)
+
+
+def test_token_bytes_are_the_exact_bytes_of_each_token(engine):
+    """The byte tokenizer's id is its byte: every reported token and alternative carries exactly that byte, also
+    where the token alone is no character and its text reads U+FFFD (id 255 excepted: llguidance reserves byte
+    0xFF, which UTF-8 never contains)."""
+    result = engine.generate(req("bytes", prompt="日本語 ok", top_logprobs=5, ignore_eos=True, max_new_tokens=12))
+    special = set(engine.tokenizer.all_special_ids)
+    checked = 0
+    for lp in result.logprobs:
+        for tid, raw in [(lp.token_id, lp.token_bytes)] + [(t.token_id, t.token_bytes) for t in lp.top_logprobs]:
+            if tid not in special and tid != 255:
+                assert raw == bytes([tid])
+                checked += 1
+    assert checked >= 12

@@ -277,3 +277,35 @@ def test_an_error_the_engine_stream_raises_is_sent_as_an_error_chunk(n, chat, ex
     assert last == error_response(exc)[1]
     assert "secret" not in chunks[-1]
     assert stream.cancelled  # the request did not finish: the engine is told to stop it
+
+
+@given(text=st.text(min_size=1, max_size=12), cuts=st.lists(st.integers(1, 6), min_size=1, max_size=40),
+       chat=st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_logprob_bytes_and_offsets_follow_the_token_bytes(text, cuts, chat):
+    """Tokens that split a text's UTF-8 bytes anywhere (byte-level BPE cuts inside characters): chat reports each
+    token's exact bytes; the legacy echo shape's text_offset of each token is the index of the character its first
+    byte belongs to (oracle: the number of whole characters in the bytes before it)."""
+    from server.engine.types import TokenLogprob, TopLogprob
+    from server.http import convert
+
+    raw = text.encode()
+    pieces, at = [], 0
+    for cut in cuts:
+        if at >= len(raw):
+            break
+        pieces.append(raw[at:at + cut])
+        at += cut
+    if at < len(raw):
+        pieces.append(raw[at:])
+    entries = tuple(TokenLogprob(i, p.decode(errors="replace"), -1.0, (TopLogprob(i, "x", -1.0, p),), p)
+                    for i, p in enumerate(pieces))
+    if chat:
+        body = convert.logprobs_body(entries, chat=True, asked=True)
+        assert [bytes(c["bytes"]) for c in body["content"]] == pieces
+        assert [bytes(t["bytes"]) for c in body["content"] for t in c["top_logprobs"]] == pieces
+        return
+    body = convert.prompt_logprobs_body(text, entries[1:])  # the engine scores tokens 1..n-1
+    starts = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+    assert body["text_offset"] == [len(raw[:s].decode("utf-8", errors="ignore")) for s in starts]
+    assert body["token_logprobs"][0] is None and len(body["tokens"]) == len(pieces)

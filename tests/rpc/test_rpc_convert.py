@@ -149,8 +149,9 @@ def test_bad_response_formats_name_the_field(fmt, field):
     assert _field_error(pb.GenerateRequest(prompt="p", response_format=fmt)) == field
 
 
-LOGPROBS = (TokenLogprob(5, "a", -0.5, (TopLogprob(5, "a", -0.5), TopLogprob(7, "<s>", -1.25))),
-            TokenLogprob(9, " b", -float("inf"), ()))
+LOGPROBS = (TokenLogprob(5, "a", -0.5, (TopLogprob(5, "a", -0.5, b"a"), TopLogprob(7, "<s>", -1.25))),
+            TokenLogprob(9, " b", -float("inf"), (), b" b"),
+            TokenLogprob(11, "\ufffd", -2.0, (TopLogprob(11, "\ufffd", -2.0, b"\xe6\x97"),), b"\xe6\x97"))
 
 
 def test_logprobs_round_trip_in_responses_and_stream_events():
@@ -190,10 +191,10 @@ def test_prompt_logprobs_field_presence_round_trip_and_validation():
 
 
 def test_prompt_logprobs_round_trip_in_responses_and_stream_events():
-    result = GenerationResult("r", "a b", (5, 9), "length", 3, 2, TIMINGS_FOR_LOGPROBS, LOGPROBS,
+    result = GenerationResult("r", "a b", (5, 9, 11), "length", 4, 3, TIMINGS_FOR_LOGPROBS, LOGPROBS,
                               prompt_logprobs=LOGPROBS[::-1])
     msg = convert.generate_response_to_proto(result)
-    assert [m.token_id for m in msg.prompt_logprobs] == [9, 5] and len(msg.logprobs) == 2
+    assert [m.token_id for m in msg.prompt_logprobs] == [11, 9, 5] and len(msg.logprobs) == 3
     wire = pb.GenerateResponse.FromString(msg.SerializeToString())
     assert convert.generation_result_from_proto(wire).prompt_logprobs == LOGPROBS[::-1]
     for event in (GenerationEvent("r", prompt_logprobs=LOGPROBS),  # the engine's first event: no text
