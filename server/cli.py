@@ -695,11 +695,15 @@ def generation_request_from_args(args: argparse.Namespace):
 
 
 def _print_logprobs(logprobs, prompt: bool = False) -> None:
-    """One JSON line per token on stderr: ``{"token_id", "token", "logprob", "top_logprobs": [...]}``, plus
+    """One JSON line per token on stderr: ``{"token_id", "token", "logprob", "bytes", "top_logprobs": [{"token_id",
+    "token", "logprob", "bytes"}]}`` (``bytes``: the token's exact bytes as a list of ints, OpenAI's shape), plus
     ``"prompt": true`` for a scored prompt token."""
+    def entry(t) -> dict:
+        return {"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
+                "bytes": list(t.token_bytes or t.token.encode())}
+
     for lp in logprobs:
-        line = {"token_id": lp.token_id, "token": lp.token, "logprob": lp.logprob,
-                "top_logprobs": [dataclasses.asdict(t) for t in lp.top_logprobs]}
+        line = {**entry(lp), "top_logprobs": [entry(t) for t in lp.top_logprobs]}
         if prompt:
             line["prompt"] = True
         print(json.dumps(line), file=sys.stderr, flush=True)

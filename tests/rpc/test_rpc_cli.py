@@ -77,6 +77,7 @@ def test_generate_logprobs_flags_print_json_lines_to_stderr(address, app, capsys
     lines = [json.loads(line) for line in out.err.splitlines()]
     assert [d["token_id"] for d in lines] == [0, 1] and [d["logprob"] for d in lines] == [0.0, -0.125]
     assert [t["token_id"] for t in lines[1]["top_logprobs"]] == [1, 100]
+    assert all(d["bytes"] == list(d["token"].encode()) for d in lines)  # the fake gives no bytes: the text's
     assert app.engine.submitted[0].params.top_logprobs == 2
 
 
