@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.access import Gate, bearer_token
@@ -101,6 +102,14 @@ def build_http_app(app, gate: Gate | None = None) -> FastAPI:
     async def _bad_body(request: Request, exc: RequestValidationError):
         status, body = error_response(InvalidArgument("the body must be a JSON object", field="body"))
         return JSONResponse(body, status_code=status)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI's own refusals (a body it cannot parse, an unknown route, a wrong method) in OpenAI's error shape
+        status = exc.status_code
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}},
+                            status_code=status, headers=getattr(exc, "headers", None))
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

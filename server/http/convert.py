@@ -227,8 +227,12 @@ def generation_request(body: dict, *, chat: bool, adapter_id: str, max_new_token
     echo = echo_of(body, chat=chat)
     fields: dict = {"stop": _stop(body), **_logprob_fields(body, chat), "response_format": _response_format(body)}
     max_tokens = _get(body, "max_tokens", "int")
-    if chat and max_tokens is None:
-        max_tokens = _get(body, "max_completion_tokens", "int")
+    newer = _get(body, "max_completion_tokens", "int")  # OpenAI's newer name for the same limit
+    if newer is not None:
+        if max_tokens is not None and max_tokens != newer:
+            raise InvalidArgument(f"contradicts max_tokens ({max_tokens}); set one of them",
+                                  field="max_completion_tokens")
+        max_tokens = newer
     if echo is not None and "top_logprobs" in fields:
         fields["prompt_logprobs"] = fields["top_logprobs"]
     if max_tokens == 0 and echo is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import openai
@@ -309,3 +310,29 @@ def test_logprob_bytes_and_offsets_follow_the_token_bytes(text, cuts, chat):
     starts = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
     assert body["text_offset"] == [len(raw[:s].decode("utf-8", errors="ignore")) for s in starts]
     assert body["token_logprobs"][0] is None and len(body["tokens"]) == len(pieces)
+
+
+def test_max_completion_tokens_is_max_tokens_on_both_endpoints(client, app):
+    client.completions.create(model="alpha", prompt="a b", extra_body={"max_completion_tokens": 3})
+    assert app.engine.submitted[-1].params.max_new_tokens == 3
+    client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
+                                   max_completion_tokens=4, max_tokens=4)
+    assert app.engine.submitted[-1].params.max_new_tokens == 4
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=4, max_tokens=5)
+    assert info.value.param == "max_completion_tokens"
+
+
+def test_framework_refusals_have_the_openai_error_shape(client):
+    """A body FastAPI cannot parse (nested too deep for the JSON parser) and an unknown route: OpenAI-style
+    ``{"error": {...}}`` bodies, not FastAPI's ``{"detail": ...}``."""
+    base = str(client.base_url).rstrip("/")
+    deep = "[" * 100_000 + "]" * 100_000
+    for path, data in (("/completions", deep.encode()), ("/nope", b"{}")):
+        request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=30)
+        body = json.loads(info.value.read())
+        assert set(body) == {"error"} and body["error"]["message"], body
+        assert 400 <= info.value.code < 500
