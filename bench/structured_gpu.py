@@ -1,9 +1,12 @@
 """What structured output costs per decode step: free rows vs grammar-constrained rows in one engine, one process.
 
     python bench/structured_gpu.py --model DIR [--device cuda] [--batch 16] [--tokens 128] [--rounds 5]
+    python bench/structured_gpu.py --model DIR --shape llama-8b ...   # DIR's tokenizer, Llama-3-8B's body
 
 ``DIR`` is any supported model (the GPU runs use a SmolLM2-135M-shaped model with random weights: the smallest
-step, so the grammar's host work weighs the most). Each round submits ``--batch`` requests of one kind at once and
+step, so the grammar's host work weighs the most). ``--shape llama-8b`` instead serves random weights of
+Llama-3-8B's shape (32 layers, hidden 4096; ``bench/serve_gpu.py``'s config) with the vocabulary of ``DIR``'s
+tokenizer, quantized to NF4 + double quant in memory: the step of a realistic model. Each round submits ``--batch`` requests of one kind at once and
 takes the median time per output token (TPOT) over its requests; kinds alternate round by round (the GPU host has
 slow phases) and the result is the median and p10 of the round medians per kind:
 
@@ -57,6 +60,34 @@ def one_round(engine, kind: str, batch: int, tokens: int, round_no: int) -> tupl
     return statistics.median(r.timings.tpot_seconds for r in results), sum(r.completion_tokens for r in results)
 
 
+def llama_8b(tokenizer_dir: str, device: str):
+    """``(model, tokenizer, info)``: random bf16 weights of Llama-3-8B's shape with ``tokenizer_dir``'s vocabulary,
+    quantized to NF4 + double quant (bf16 compute) on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
+
+    from bench.serve_gpu import llama_config
+    from server.model.base import BaseModelInfo
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = llama_config(False)
+    cfg.vocab_size, cfg.eos_token_id, cfg.pad_token_id = len(tok), tok.eos_token_id, tok.pad_token_id or 0
+    torch.manual_seed(0)
+    with torch.device(device):
+        sd = dict(AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).state_dict())
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
+    model = LlamaForCausalLM.from_pretrained(None, state_dict=sd, config=cfg, quantization_config=qc,
+                                             dtype=torch.bfloat16, device_map={"": device},
+                                             attn_implementation="sdpa")
+    del sd
+    model.eval().requires_grad_(False)
+    info = BaseModelInfo(name="bench-llama-3-8b-shape", path="bench-llama-3-8b-shape", device=torch.device(device),
+                         weight_bytes=0, model_type="llama", max_positions=cfg.max_position_embeddings,
+                         compute_dtype="bfloat16", compute_dtype_reason="structured_gpu bench")
+    return model, tok, info
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -65,6 +96,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--shape", choices=("model", "llama-8b"), default="model")
     args = p.parse_args()
 
     import tempfile
@@ -79,7 +111,7 @@ def main() -> None:
                           engine=EngineConfig(max_batch_size=max(16, args.batch), max_total_tokens=512),
                           host="127.0.0.1", port=0, metrics_port=-1, adapters_dir=work / "store",
                           state_dir=work / "state")
-    app = build_app(config)
+    app = build_app(config) if args.shape == "model" else build_app(config, *llama_8b(args.model, args.device))
     kinds = ("free", "json", "regex", "regex_counted", "mixed")
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     tokens: dict[str, list[int]] = {k: [] for k in kinds}
