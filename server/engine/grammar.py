@@ -40,9 +40,16 @@ MAX_ERROR_CHARS = 300
 
 
 def short_error(message: str) -> str:
-    """The first line of an llguidance error message, at most :data:`MAX_ERROR_CHARS` characters."""
-    first = (message or "the grammar matcher failed").strip().splitlines()[0]
-    return first if len(first) <= MAX_ERROR_CHARS else first[:MAX_ERROR_CHARS] + "..."
+    """An llguidance error message on one line, without the parser state it may append (from a line starting with
+    ``<``), at most :data:`MAX_ERROR_CHARS` characters. A regex error keeps its caret line and reason."""
+    lines = []
+    for line in (message or "the grammar matcher failed").strip().splitlines():
+        if line.lstrip().startswith("<"):  # "<state>" and what follows: the matcher's internals
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = " ".join(lines) or "the grammar matcher failed"
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
 def grammar_failure(fmt: ResponseFormat, message: str) -> InvalidArgument:
@@ -65,7 +72,15 @@ def grammar_text(fmt: ResponseFormat) -> str:
         raise FailedPrecondition("structured output needs llguidance (pip install 'qlora-server[server]')",
                                  field="response_format") from None
     if fmt.kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(fmt.value, defaults=JSON_DEFAULTS)
+        schema = json.loads(fmt.value)  # checked by ResponseFormat.validate: an object or a boolean
+        if schema is False:
+            raise InvalidArgument("admits no output: the schema false matches nothing",
+                                  field="response_format.json_schema")
+        try:  # true (any JSON value) is the empty schema; llguidance applies options to objects only
+            return LLMatcher.grammar_from_json_schema({} if schema is True else fmt.value, defaults=JSON_DEFAULTS)
+        except ValueError as exc:
+            raise InvalidArgument(f"does not compile: {short_error(str(exc))}",
+                                  field="response_format.json_schema") from None
     if fmt.kind == "json_object":
         return LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_DEFAULTS)
     if fmt.kind == "regex":
@@ -153,8 +168,14 @@ class GrammarCompiler:
         # grammar that admits no output: llguidance then allows only EOS and enters its error state.
         import llguidance.numpy as lnp
 
-        lnp.fill_next_token_bitmask(template, np.zeros((1, self.words), dtype=np.int32), 0)
-        if template.is_error() or (template.is_stopped() and not template.is_accepting()):
+        first = np.zeros((1, self.words), dtype=np.int32)
+        lnp.fill_next_token_bitmask(template, first, 0)
+        bits = first.view(np.uint32)
+        for eos in self._eos:  # at a dead end llguidance still allows EOS: look at the other tokens
+            if eos < self.vocab_size:
+                bits[0, eos // 32] &= np.uint32(~(1 << (eos % 32)) & 0xFFFFFFFF)
+        dead = not first.any() and not template.is_accepting()
+        if template.is_error() or dead or (template.is_stopped() and not template.is_accepting()):
             raise InvalidArgument(f"admits no output: {short_error(template.get_error() or 'a dead end')}",
                                   field=f"response_format.{fmt.kind}")
         with self._lock:

@@ -163,7 +163,8 @@ def build_http_app(app, gate: Gate | None = None) -> FastAPI:
             model = body["model"]
             asked = req.params.wants_logprobs or req.params.prompt_logprobs is not None
             if convert.is_stream(body):
-                events = EventStream(stream, chat, req.request_id, model, asked, slot, echo)
+                events = EventStream(stream, chat, req.request_id, model, asked, slot, echo,
+                                     rename=lambda exc: convert.renamed(exc, body))
                 handed_off = True
                 return EventStreamResponse(events)
             finished = False
@@ -209,16 +210,17 @@ class EventStream:
     when ``asked``), the last carrying finish_reason and usage, then ``data: [DONE]``. With ``echo`` the first
     chunk is the prompt (and its log-probabilities when ``asked``), sent when the engine's first event arrives (the
     prompt's scores come with it); a score-only echo (``max_tokens: 0``) then sends no completion text. An error
-    after the first byte is sent as ``data: {"error": ...}``.
+    after the first byte is sent as ``data: {"error": ...}`` (an INVALID_ARGUMENT naming the parameter the client
+    set, via ``rename``), then ``data: [DONE]``.
 
     :meth:`close` (idempotent, thread-safe; called when the iteration ends and when the response ends, even if the
     client went away before the first byte) cancels the engine's request unless it finished and finishes the
     rate-limit ``slot`` with its completion tokens (a stream that ends early: one per chunk sent, as gRPC does)."""
 
     def __init__(self, stream, chat: bool, request_id: str, model: str, asked: bool = False, slot=None,
-                 echo: convert.Echo | None = None) -> None:
+                 echo: convert.Echo | None = None, rename=lambda exc: exc) -> None:
         self._stream, self._chat, self._request_id, self._model, self._asked = stream, chat, request_id, model, asked
-        self._slot, self._echo = slot, echo
+        self._slot, self._echo, self._rename = slot, echo, rename
         self._lock = threading.Lock()
         self._closed = self._finished = False
         self._tokens = self._chunks = 0
@@ -230,7 +232,11 @@ class EventStream:
         try:
             for event in _events(self._stream, request_id):
                 if event.error is not None:
-                    yield _data(error_response(event.error)[1])
+                    error = event.error
+                    if isinstance(error, InvalidArgument):  # name the parameter the client set (guided_*)
+                        error = self._rename(error)
+                    yield _data(error_response(error)[1])
+                    yield "data: [DONE]\n\n"  # as vLLM: the stream still ends the usual way
                     return
                 if echo is not None and first:
                     prompt_lps = convert.prompt_logprobs_body(echo.prompt, event.prompt_logprobs) if asked else None

@@ -16,6 +16,7 @@ from server.engine.types import (
     GenerationRequest,
     ResponseFormat,
     TokenLogprob,
+    TopLogprob,
     build_generation_request,
     build_sampling_params,
 )
@@ -283,13 +284,25 @@ def logprobs_body(entries: tuple[TokenLogprob, ...], *, chat: bool, asked: bool,
         return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(_bytes(e)),
                              "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(_bytes(t))}
                                               for t in e.top_logprobs]} for e in entries]}
-    return _legacy([(e.token, _bytes(e), e.logprob, {t.token: t.logprob for t in e.top_logprobs})
+    return _legacy([(_key(e), _bytes(e), e.logprob, {_key(t): t.logprob for t in e.top_logprobs})
                     for e in entries], text_offset)
 
 
 def _bytes(entry) -> bytes:
     """A log-probability entry's exact token bytes (its text's UTF-8 when the engine did not give them)."""
     return entry.token_bytes or entry.token.encode("utf-8")
+
+
+def _key(entry) -> str:
+    """How the legacy completions shape names a token: its text, or, for a token whose bytes are no complete UTF-8
+    text (part of a character, reading U+FFFD alone), ``bytes:\\xNN...`` as OpenAI writes them, so the
+    ``top_logprobs`` keys of different partial tokens do not collide."""
+    raw = _bytes(entry)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return entry.token
 
 
 def _legacy(items: list[tuple[str, bytes, float | None, dict | None]], text_offset: int) -> dict:
@@ -320,8 +333,9 @@ def prompt_logprobs_body(prompt: str, entries: tuple[TokenLogprob, ...]) -> dict
     rest = b"".join(_bytes(e) for e in entries)
     raw = prompt.encode("utf-8")
     first = raw[:len(raw) - len(rest)] if raw.endswith(rest) else b""
-    return _legacy([(first.decode("utf-8", errors="replace"), first, None, None)]
-                   + [(e.token, _bytes(e), e.logprob, {t.token: t.logprob for t in e.top_logprobs})
+    head = TopLogprob(0, first.decode("utf-8", errors="replace"), 0.0, first)
+    return _legacy([(_key(head), first, None, None)]
+                   + [(_key(e), _bytes(e), e.logprob, {_key(t): t.logprob for t in e.top_logprobs})
                       for e in entries], 0)
 
 

@@ -88,7 +88,7 @@ def test_sampled_text_fullmatches_random_regexes(engine, pattern, seed):
     assert re.fullmatch(pattern, result.text), (pattern, result.text)
 
 
-@given(choices=st.lists(st.text(min_size=1, max_size=6).filter(lambda s: "\x00" not in s), min_size=1,
+@given(choices=st.lists(st.text(min_size=1, max_size=6).filter(lambda s: not {"\x00", "\x02"} & set(s)), min_size=1,
                         max_size=5, unique=True), seed=st.integers(0, 2**32))
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_sampled_text_is_one_of_random_choices(engine, choices, seed):
@@ -221,3 +221,33 @@ def test_a_format_that_fails_midway_is_an_error_not_a_finished_answer(engine, fm
         assert len(str(exc)) < 400  # llguidance's state dump is not passed on
     else:
         pytest.fail(f"finished {result.finish_reason!r} with {result.text!r}")
+
+
+def test_boolean_schemas(engine):
+    """``true`` is any JSON value, ``false`` admits nothing (a 400 at submit, not an internal error)."""
+    result = engine.generate(req("any", ResponseFormat("json_schema", "true"), temperature=0.0, max_new_tokens=60))
+    if result.finish_reason == "stop":
+        json.loads(result.text)
+    with pytest.raises(InvalidArgument) as info:
+        engine.submit(req("none", ResponseFormat("json_schema", "false")))
+    assert info.value.field == "response_format.json_schema" and "admits no output" in str(info.value)
+
+
+def test_compile_errors_keep_the_reason_and_drop_the_state():
+    """llguidance's messages: the reason after a regex's caret line is kept; the parser state is not."""
+    from server.engine.grammar import MAX_ERROR_CHARS, short_error
+
+    regex = 'at 1(8): invalid regex "(a" (in regex): regex parse error:\n    (a\n    ^\nerror: unclosed group\n'
+    assert "unclosed group" in short_error(regex) and "\n" not in short_error(regex)
+    state = "NoExtensionBias\n<state>\nTokens: ⟦⟧\nParser: {\n  \"compute_time_us\": 5\n}"
+    assert short_error(state) == "NoExtensionBias"
+    assert len(short_error("x" * 5000)) <= MAX_ERROR_CHARS + 3
+
+
+def test_a_format_only_eos_tokens_could_spell_is_refused_at_submit(engine):
+    """Bytes 0 and 2 are the tiny model's EOS ids: a choice made of them can never be generated as text, so the
+    format admits no output and is refused at submit (it would otherwise end at once with EOS)."""
+    assert {0, 2} <= engine.eos_ids
+    with pytest.raises(InvalidArgument) as info:
+        engine.submit(req("eos-only", ResponseFormat("choice", choices=("\x02",))))
+    assert info.value.field == "response_format.choice" and "admits no output" in str(info.value)

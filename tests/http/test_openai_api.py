@@ -268,15 +268,20 @@ def test_an_error_the_engine_stream_raises_is_sent_as_an_error_chunk(n, chat, ex
     """Whenever the engine's stream raises (before the first token or after some), the SSE body ends with one
     ``data: {"error": ...}`` chunk carrying the OpenAI error body, after the chunks already produced; nothing
     internal leaks."""
+    from server.http import convert
     from server.http.api import EventStream
     from server.http.errors import error_response
 
     stream = _RaisingStream(n, exc)
-    chunks = list(EventStream(stream, chat, "r", "alpha"))
-    assert len(chunks) == n + 1
-    last = json.loads(chunks[-1].removeprefix("data: "))
-    assert last == error_response(exc)[1]
-    assert "secret" not in chunks[-1]
+    body = {"guided_regex": "x"}  # the client's parameter: an INVALID_ARGUMENT about the regex names it
+    chunks = list(EventStream(stream, chat, "r", "alpha", rename=lambda e: convert.renamed(e, body)))
+    assert len(chunks) == n + 2 and chunks[-1] == "data: [DONE]\n\n"
+    error = json.loads(chunks[-2].removeprefix("data: "))
+    want = convert.renamed(exc, body) if isinstance(exc, InvalidArgument) else exc
+    assert error == error_response(want)[1]
+    if isinstance(exc, InvalidArgument):
+        assert error["error"]["param"] == "guided_regex"
+    assert "secret" not in chunks[-2]
     assert stream.cancelled  # the request did not finish: the engine is told to stop it
 
 
