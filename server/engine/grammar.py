@@ -1,8 +1,8 @@
 """Structured output: compiles a response format into a token matcher and fills each step's allowed-token bitmask.
 
 A request with a :class:`~server.engine.types.ResponseFormat` (a JSON Schema, any JSON object, a regex or a list of
-choices) gets its own matcher from llguidance (Microsoft's grammar engine, also behind vLLM's and SGLang's
-structured output; chosen over xgrammar for its dependency weight at a per-mask cost well under a millisecond,
+choices) gets its own matcher from llguidance (the guidance project's grammar engine, one of vLLM's and SGLang's
+structured-output backends; chosen over xgrammar for its dependency weight at a per-mask cost well under a millisecond,
 ``bench/grammar_cost.py``). The matcher follows the row's output token by token; before every step it writes the
 row's allowed tokens as one bit per vocabulary entry, and the sampler sets every other logit to ``-inf`` on the
 device (:func:`server.model.sampling.apply_allowed`). Rows without a format get an all-ones row, so constrained
@@ -65,6 +65,8 @@ def grammar_text(fmt: ResponseFormat) -> str:
 
     Raises:
         FailedPrecondition: llguidance is not installed (the ``server`` extra installs it).
+        InvalidArgument: the schema ``false`` (it admits no output), or a schema llguidance's JSON compiler
+            rejects (field ``response_format.json_schema``).
     """
     try:
         from llguidance import LLMatcher
