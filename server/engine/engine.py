@@ -96,29 +96,7 @@ class RequestStream:
 
     def result(self) -> GenerationResult:
         """Block until the request finishes and return the whole answer (raises the request's error)."""
-        return collect_result(self, self.request_id)
-
-
-def collect_result(events, request_id: str) -> GenerationResult:
-    """The whole answer of a request from its :class:`GenerationEvent` s (texts joined, token ids and
-    log-probabilities — generated and prompt ones — concatenated, counts and timings from the final event).
-
-    Raises:
-        the error an event carries; :class:`ServerError` when the events end without a final one.
-    """
-    text, ids, logprobs, prompt_logprobs = [], [], [], []
-    for event in events:
-        if event.error is not None:
-            raise event.error
-        text.append(event.text)
-        ids.extend(event.token_ids)
-        logprobs.extend(event.logprobs)
-        prompt_logprobs.extend(event.prompt_logprobs)
-        if event.finished:
-            return GenerationResult(request_id, "".join(text), tuple(ids), event.finish_reason,
-                                    event.prompt_tokens, event.completion_tokens, event.timings, tuple(logprobs),
-                                    tuple(prompt_logprobs))
-    raise ServerError("the engine ended the request without a final event")
+        return GenerationResult.from_events(self, self.request_id)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, ServerError
 
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
@@ -256,6 +256,14 @@ class GenerationEvent:
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
+class EndedEarly(ServerError):
+    """A request's events ended without a final event (INTERNAL; the RPC layer checks whether the client left)."""
+
+
+#: Timings of a final event that carries none (a test double's).
+ZERO_TIMINGS = Timings(queue_seconds=0.0, ttft_seconds=0.0, total_seconds=0.0, tpot_seconds=0.0)
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     """The whole answer of a finished request (what ``Engine.generate`` returns). ``logprobs``: one entry per
@@ -270,6 +278,30 @@ class GenerationResult:
     timings: Timings
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+    @classmethod
+    def from_events(cls, events, request_id: str) -> "GenerationResult":
+        """The whole answer of a request from its :class:`GenerationEvent` s (texts joined, token ids and
+        log-probabilities — generated and prompt ones — concatenated, counts and timings from the final event; one
+        without a finish reason or timings gives ``""`` and :data:`ZERO_TIMINGS`). The engine, the gRPC and the
+        HTTP layers all collect an answer through here.
+
+        Raises:
+            the error an event carries; :class:`EndedEarly` when the events end without a final one.
+        """
+        text, ids, logprobs, prompt_logprobs = [], [], [], []
+        for event in events:
+            if event.error is not None:
+                raise event.error
+            text.append(event.text)
+            ids.extend(event.token_ids)
+            logprobs.extend(event.logprobs)
+            prompt_logprobs.extend(event.prompt_logprobs)
+            if event.finished:
+                return cls(request_id, "".join(text), tuple(ids), event.finish_reason or "", event.prompt_tokens,
+                           event.completion_tokens, event.timings or ZERO_TIMINGS, tuple(logprobs),
+                           tuple(prompt_logprobs))
+        raise EndedEarly("the engine ended the request without a final event")
 
 
 #: Longest accepted client-chosen request id (characters).

@@ -21,8 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.access import Gate, bearer_token
 from server.auth import ANY_ROLE, GENERATE_ROLES, Principal, require_adapter, visible
-from server.engine.engine import collect_result
-from server.engine.types import FINISH_LENGTH, GenerationEvent
+from server.engine.types import FINISH_LENGTH, GenerationEvent, GenerationResult
 from server.errors import Cancelled, InvalidArgument, NotFound, ServerError, Unauthenticated
 from server.http import convert
 from server.http.errors import ModelNotFound, error_headers, error_response
@@ -170,7 +169,7 @@ def build_http_app(app, gate: Gate | None = None) -> FastAPI:
             finished = False
             try:
                 try:
-                    result = collect_result(stream, req.request_id)
+                    result = GenerationResult.from_events(stream, req.request_id)
                 except InvalidArgument as exc:  # a grammar that failed while decoding
                     raise convert.renamed(exc, body) from None
                 finished = True

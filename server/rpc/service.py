@@ -13,7 +13,7 @@ import grpc
 
 from server.auth import check_path, require_adapter, visible
 from server.config import ADAPTER_ID_RE
-from server.engine.types import GenerationResult, Timings
+from server.engine.types import EndedEarly, GenerationResult
 from server.errors import (
     AlreadyExists,
     Cancelled,
@@ -31,7 +31,6 @@ from server.rpc.interceptor import DeadlineClock, client_time_remaining
 
 #: Prefix of the per-upload staging directories made inside the adapter store's root.
 STAGING_PREFIX = ".upload-"
-_ZERO_TIMINGS = Timings(queue_seconds=0.0, ttft_seconds=0.0, total_seconds=0.0, tpot_seconds=0.0)
 
 
 def new_request_id() -> str:
@@ -92,28 +91,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         """Run the request to its end and return the whole answer."""
         stream, clock = self._submit(request, context)
-        parts: list[str] = []
-        token_ids: list[int] = []
-        logprobs: list = []
-        prompt_logprobs: list = []
         finished = False
         try:
-            for event in stream:
-                if event.error is not None:
-                    raise event.error
-                parts.append(event.text)
-                token_ids.extend(event.token_ids)
-                logprobs.extend(event.logprobs)
-                prompt_logprobs.extend(event.prompt_logprobs)
-                if event.finished:
-                    finished = True
-                    return convert.generate_response_to_proto(GenerationResult(
-                        request_id=event.request_id or stream.request_id, text="".join(parts),
-                        token_ids=tuple(token_ids), finish_reason=event.finish_reason or "",
-                        prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                        timings=event.timings or _ZERO_TIMINGS, logprobs=tuple(logprobs),
-                        prompt_logprobs=tuple(prompt_logprobs)))
-            raise _ended_early(context, clock, self._app)
+            try:
+                result = GenerationResult.from_events(stream, stream.request_id)
+            except EndedEarly:
+                raise _ended_early(context, clock, self._app) from None
+            finished = True
+            return convert.generate_response_to_proto(result)
         finally:
             if not finished:
                 _stop(stream, context, clock, self._app)
