@@ -18,6 +18,7 @@ from server.rpc.gen.qlora_server.v1 import qlora_server_pb2 as pb
 from tests.server_process import REPO, start_server
 from tests.tiny import make_adapter, save_tiny_base
 from tests.tiny_tokenizer import save_byte_tokenizer
+from tests.toolchain import require_tools
 
 NODE_DIR = REPO / "examples" / "clients" / "node"
 #: What ``npm ci`` installs from; their hash names the cached install.
@@ -33,13 +34,7 @@ pytestmark = pytest.mark.network  # the first run installs the two npm packages 
 def node_toolchain() -> tuple[str, str]:
     """Paths of ``node`` and ``npm``. Skips the test when either is missing, except under CI (``CI=true``), where
     that fails the test instead so that a missing install cannot pass silently."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node and npm:
-        return node, npm
-    message = "node / npm not on PATH (Debian: apt-get install nodejs npm; .ci/run installs them)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    return require_tools("node", "npm", hint="Debian: apt-get install nodejs npm; .ci/run installs them")
 
 
 @pytest.fixture(scope="module")

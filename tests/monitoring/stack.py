@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -13,9 +11,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from tests.server_process import REPO, free_port, stop_process
+from tests.toolchain import require_tools
 
 DASHBOARD_DIR = REPO / "deploy" / "grafana" / "dashboards"
 #: What each Grafana variable becomes when a panel's PromQL is evaluated outside Grafana: every instance and
@@ -26,13 +23,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$instance": ".
 def prometheus_tools() -> tuple[str, str]:
     """Paths of ``prometheus`` and ``promtool``. Skips the test when either is missing, except under CI
     (``CI=true``), where that fails the test instead so that a missing install cannot pass silently."""
-    prom, tool = shutil.which("prometheus"), shutil.which("promtool")
-    if prom and tool:
-        return prom, tool
-    message = "prometheus / promtool not on PATH (Debian: apt-get install prometheus; .ci/run installs it)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    return require_tools("prometheus", "promtool", hint="Debian: apt-get install prometheus; .ci/run installs it")
 
 
 class Prometheus:
