@@ -531,11 +531,17 @@ def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams
         st, errors = sampling_tensors(params, seen, seeds, steps, logits.device)
         if logits.dim() != 2 or logits.shape[0] != b:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {b} rows")
-        constrained = set()
+        constrained: list[int] = []
         if allowed is not None:
             host_mask = torch.as_tensor(allowed)
-            constrained = set((host_mask != -1).any(dim=1).nonzero().reshape(-1).tolist())  # rows with a grammar
-            logits = apply_allowed(logits, allowed_to_device(host_mask, logits.device))
+            constrained = (host_mask != -1).any(dim=1).nonzero().reshape(-1).tolist()  # rows with a grammar
+        if constrained:
+            # only the constrained rows are masked; their bitmask rows and row indices (the last column) go to the
+            # device in one copy
+            rows = torch.tensor(constrained, dtype=torch.int32)[:, None]
+            packed = allowed_to_device(torch.cat([host_mask[constrained], rows], dim=1), logits.device)
+            idx = packed[:, -1].long()
+            logits = logits.index_put((idx,), apply_allowed(logits[idx], packed[:, :-1]))
         if not st.any_sampled and st.seen is None:  # fast path: argmax + validity
             tokens, status = logits.argmax(dim=-1), torch.where(_valid_rows(logits), OK, NON_FINITE)
         else:
@@ -576,12 +582,13 @@ def select_tokens_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams
         else:
             out.append(token)
     row_lps: list[RowLogprobs | None] = [None] * b
+    grammar_rows = set(constrained)
     for j, i in enumerate(asks):
         if isinstance(out[i], int):
             k = min(logprobs[i], k_max)
             base = j * k_max
             top = tuple((int(ids[base + m]), values[base + m]) for m in range(k))
-            if i in constrained:  # a token the grammar forbids (-inf) is no alternative: list only those that can occur
+            if i in grammar_rows:  # forbidden tokens (-inf) are no alternatives: list only those that can occur
                 top = tuple((tid, value) for tid, value in top if value != -math.inf)
             row_lps[i] = RowLogprobs(chosen_list[j], top)
     return out, row_lps
