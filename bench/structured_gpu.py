@@ -17,6 +17,12 @@ slow phases) and the result is the median and p10 of the round medians per kind:
   so no mask is ever cached and each row's mask walks the whole vocabulary;
 * ``mixed``: half free rows, half ``json`` rows.
 
+With ``--plain`` the same rounds also time the plain Hugging Face stack on its own copy of the model:
+``generate`` (greedy, dynamic cache) free (``hf_free``) and with the ``json`` schema (``hf_json``) through a
+``LogitsProcessor`` that masks every row with the same llguidance matchers — how structured output is usually
+added to plain transformers. Its TPOT is ``(t(N tokens) - t(1 token)) / (steps - 1)``, so prefill is left out
+as in the engine's TPOT.
+
 Prints one JSON line and writes it to ``--out`` when given.
 """
 
@@ -60,9 +66,9 @@ def one_round(engine, kind: str, batch: int, tokens: int, round_no: int) -> tupl
     return statistics.median(r.timings.tpot_seconds for r in results), sum(r.completion_tokens for r in results)
 
 
-def llama_8b(tokenizer_dir: str, device: str):
-    """``(model, tokenizer, info)``: random bf16 weights of Llama-3-8B's shape with ``tokenizer_dir``'s vocabulary,
-    quantized to NF4 + double quant (bf16 compute) on ``device``."""
+def llama_8b(tokenizer_dir: str, device: str, copies: int = 1):
+    """``(models, tokenizer, info)``: ``copies`` models, each random bf16 weights of Llama-3-8B's shape (the same
+    seed) with ``tokenizer_dir``'s vocabulary, quantized to NF4 + double quant (bf16 compute) on ``device``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
 
@@ -77,15 +83,63 @@ def llama_8b(tokenizer_dir: str, device: str):
         sd = dict(AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).state_dict())
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
-    model = LlamaForCausalLM.from_pretrained(None, state_dict=sd, config=cfg, quantization_config=qc,
-                                             dtype=torch.bfloat16, device_map={"": device},
-                                             attn_implementation="sdpa")
+    models = [LlamaForCausalLM.from_pretrained(None, state_dict=dict(sd), config=cfg, quantization_config=qc,
+                                               dtype=torch.bfloat16, device_map={"": device},
+                                               attn_implementation="sdpa").eval().requires_grad_(False)
+              for _ in range(copies)]
     del sd
-    model.eval().requires_grad_(False)
     info = BaseModelInfo(name="bench-llama-3-8b-shape", path="bench-llama-3-8b-shape", device=torch.device(device),
                          weight_bytes=0, model_type="llama", max_positions=cfg.max_position_embeddings,
                          compute_dtype="bfloat16", compute_dtype_reason="structured_gpu bench")
-    return model, tok, info
+    return models, tok, info
+
+
+class GrammarProcessor:
+    """A transformers ``LogitsProcessor``: each row's llguidance matcher consumes the row's last token, then the
+    batch's allowed-token bitmask masks the scores (the plain stack's structured output, for comparison)."""
+
+    def __init__(self, grammar, matchers, prompt_len: int, eos: int) -> None:
+        self.grammar, self.matchers, self.prompt_len, self.eos = grammar, matchers, prompt_len, eos
+
+    def __call__(self, input_ids, scores):
+        from server.model.sampling import allowed_to_device, apply_allowed
+
+        if input_ids.shape[1] > self.prompt_len:
+            for m, token in zip(self.matchers, input_ids[:, -1].tolist()):  # a host sync, as any such processor
+                if not m.is_stopped() and token != self.eos:
+                    m.consume_token(token)
+        mask, _ = self.grammar.bitmask(self.matchers)
+        return apply_allowed(scores, allowed_to_device(mask, scores.device))
+
+
+def hf_round(model, tok, grammar, kind: str, batch: int, tokens: int) -> tuple[float, int]:
+    """(TPOT in seconds, generated tokens) of one plain-stack round (see the module docstring)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from server.engine.types import ResponseFormat
+
+    enc = tok([f"Tell story number {i}." for i in range(batch)], return_tensors="pt", padding=True).to(model.device)
+    prompt_len = enc["input_ids"].shape[1]
+
+    def run(n: int) -> tuple[float, int]:
+        procs = None
+        if kind == "hf_json":
+            fmt = ResponseFormat("json_schema", json.dumps(SCHEMA))
+            procs = LogitsProcessorList([GrammarProcessor(grammar, [grammar.matcher(fmt) for _ in range(batch)],
+                                                          prompt_len, tok.eos_token_id)])
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n if kind == "hf_free" else 0, do_sample=False,
+                             logits_processor=procs, pad_token_id=tok.pad_token_id)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out.shape[1] - prompt_len
+
+    one, _ = run(1)
+    whole, steps = run(tokens)
+    return (whole - one) / max(1, steps - 1), steps * batch
 
 
 def main() -> None:
@@ -97,6 +151,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--shape", choices=("model", "llama-8b"), default="model")
+    p.add_argument("--plain", action="store_true", help="also time the plain HF stack (a second model copy)")
     args = p.parse_args()
 
     import tempfile
@@ -111,16 +166,35 @@ def main() -> None:
                           engine=EngineConfig(max_batch_size=max(16, args.batch), max_total_tokens=512),
                           host="127.0.0.1", port=0, metrics_port=-1, adapters_dir=work / "store",
                           state_dir=work / "state")
-    app = build_app(config) if args.shape == "model" else build_app(config, *llama_8b(args.model, args.device))
-    kinds = ("free", "json", "regex", "regex_counted", "mixed")
+    plain = None
+    if args.shape == "model":
+        app = build_app(config)
+        if args.plain:
+            from server.model.base import load_base_model
+
+            plain, tok, _ = load_base_model(config.model)
+    else:
+        models, tok, info = llama_8b(args.model, args.device, 2 if args.plain else 1)
+        app = build_app(config, models[0], tok, info)
+        plain = models[1] if args.plain else None
+    kinds = ("free", "json", "regex", "regex_counted", "mixed") + (("hf_free", "hf_json") if plain else ())
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     tokens: dict[str, list[int]] = {k: [] for k in kinds}
+    if plain is not None:
+        tok.padding_side = "left"
+        tok.pad_token = tok.pad_token or tok.eos_token
+
+    def timed(kind: str, n: int, r: int) -> tuple[float, int]:
+        if kind.startswith("hf_"):
+            return hf_round(plain, tok, app.engine.grammar, kind, args.batch, n)
+        return one_round(app.engine, kind, args.batch, n, r)
+
     try:
         for kind in kinds:  # warm-up: graphs, grammar compile and the llguidance tokenizer view
-            one_round(app.engine, kind, args.batch, 8, -1)
+            timed(kind, 8, -1)
         for r in range(args.rounds):
             for kind in kinds:
-                tpot, n = one_round(app.engine, kind, args.batch, args.tokens, r)
+                tpot, n = timed(kind, args.tokens, r)
                 samples[kind].append(tpot)
                 tokens[kind].append(n)
     finally:
